@@ -1,0 +1,520 @@
+#!/usr/bin/env python3
+"""vmforge guest agent: one stdlib-only file (python3 >= 3.8) that runs inside the VM.
+
+It talks to the host over the virtio-serial port ``org.vmforge.agent.0`` (or AF_VSOCK where
+there is no such port) and listens on nothing else. Framing is RFC 7464 JSON text sequences:
+every message is ``0x1E`` + compact JSON + ``0x0A``. RS never occurs inside compact JSON, so a
+reader that lost its place (host reconnect mid-message) resynchronises at the next RS.
+
+Messages: guest events ``{"event": "hello", "data": {...}}``; host calls
+``{"id": N, "call": NAME, "args": {...}}``; guest stream chunks ``{"id": N, "stream": S,
+"data": B64}``; and one final ``{"id": N, "result": ...}`` or ``{"id": N, "error": {...}}``.
+"""
+
+from __future__ import annotations
+
+import base64
+import glob
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+VERSION = "0.1.0"
+PORT_NAME = "org.vmforge.agent.0"
+VSOCK_PORT = 1024
+RS = b"\x1e"
+LF = b"\n"
+MAX_RECORD = 8 * 1024 * 1024
+CHUNK = 256 * 1024
+
+
+class FramingError(ValueError):
+    """Malformed bytes on the agent channel."""
+
+
+def encode(message: Dict[str, Any]) -> bytes:
+    return RS + json.dumps(message, separators=(",", ":")).encode() + LF
+
+
+class Decoder:
+    """Incremental RFC 7464 decoder: feed bytes, get messages; garbage is skipped and counted."""
+
+    def __init__(self, max_record: int = MAX_RECORD) -> None:
+        self.buf = bytearray()
+        self.max_record = max_record
+        self.skipped = 0
+
+    def feed(self, data: bytes) -> List[Dict[str, Any]]:
+        self.buf += data
+        out: List[Dict[str, Any]] = []
+        while True:
+            start = self.buf.find(RS)
+            if start < 0:
+                self.skipped += len(self.buf)
+                self.buf.clear()
+                return out
+            if start:
+                self.skipped += start
+                del self.buf[:start]
+            nxt = self.buf.find(RS, 1)
+            end = self.buf.find(LF, 1, nxt if nxt > 0 else len(self.buf))
+            if end < 0:
+                if nxt > 0:  # a record cut short by the next one: drop it, resync there
+                    self.skipped += nxt
+                    del self.buf[:nxt]
+                    continue
+                if len(self.buf) > self.max_record:
+                    self.skipped += len(self.buf)
+                    self.buf.clear()
+                return out
+            raw = bytes(self.buf[1:end])
+            del self.buf[:end + 1]
+            try:
+                msg = json.loads(raw)
+            except ValueError:
+                self.skipped += len(raw) + 2
+                continue
+            if isinstance(msg, dict):
+                out.append(msg)
+            else:
+                self.skipped += len(raw) + 2
+
+    def finish(self) -> None:
+        """At end of stream: an unterminated record is a truncated message."""
+        if self.buf.find(RS) >= 0:
+            n = len(self.buf)
+            self.buf.clear()
+            raise FramingError(f"truncated message: stream ended {n} bytes into a record "
+                               "without its terminating newline")
+
+
+# ---------------------------------------------------------------------------- guest facts
+
+def read_text(path: str, default: str = "") -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return default
+
+
+def cloud_init_state() -> Dict[str, Any]:
+    if not (os.path.exists("/usr/bin/cloud-init") or os.path.exists("/usr/local/bin/cloud-init")):
+        return {"status": "not-installed", "errors": []}
+    if os.path.exists("/run/cloud-init/disabled"):
+        return {"status": "disabled", "errors": []}
+    result = read_text("/run/cloud-init/result.json")
+    if result:
+        try:
+            errors = json.loads(result).get("v1", {}).get("errors", [])
+        except ValueError:
+            errors = ["unreadable result.json"]
+        return {"status": "error" if errors else "done", "errors": errors}
+    status = read_text("/run/cloud-init/status.json")
+    if status:
+        try:
+            stage = json.loads(status).get("v1", {}).get("stage")
+        except ValueError:
+            stage = None
+        return {"status": "running", "stage": stage, "errors": []}
+    return {"status": "not-started", "errors": []}
+
+
+def vm_id() -> str:
+    for token in read_text("/proc/cmdline").split():
+        if token.startswith("vmforge.id="):
+            return token.split("=", 1)[1]
+    serial = read_text("/sys/class/dmi/id/product_serial").strip()
+    if serial.startswith("vmforge:"):
+        return serial.split(":", 1)[1]
+    return socket.gethostname()
+
+
+def uptime() -> float:
+    try:
+        return float(read_text("/proc/uptime", "0 0").split()[0])
+    except ValueError:
+        return 0.0
+
+
+def meminfo() -> Dict[str, int]:
+    out = {}
+    for line in read_text("/proc/meminfo").splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("MemTotal", "MemAvailable", "MemFree"):
+            out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def http_status(url: str, timeout: float) -> int:
+    """Minimal HTTP/1.0 GET on the guest's own network (no urllib: keeps the agent small)."""
+    if not url.startswith("http://"):
+        raise ValueError("only http:// URLs are supported")
+    hostport, _, path = url[len("http://"):].partition("/")
+    host, _, port = hostport.partition(":")
+    with socket.create_connection((host or "127.0.0.1", int(port or 80)), timeout=timeout) as s:
+        s.sendall(("GET /%s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path, hostport)).encode())
+        head = s.recv(1024).split(b"\r\n", 1)[0].split()
+    return int(head[1]) if len(head) >= 2 else 0
+
+
+# ---------------------------------------------------------------------------- the agent
+
+class Agent:
+    def __init__(self, write: Callable[[bytes], None], started: float) -> None:
+        self._write_raw = write
+        self.lock = threading.Lock()
+        self.started_uptime = started
+        self.uploads: Dict[str, Dict[str, Any]] = {}
+        self.procs: Dict[int, subprocess.Popen] = {}  # type: ignore[type-arg]
+
+    # -- output
+    def send(self, message: Dict[str, Any]) -> None:
+        data = encode(message)
+        with self.lock:
+            try:
+                self._write_raw(data)
+            except OSError:
+                pass  # host went away: the next hello resynchronises
+
+    def hello(self) -> None:
+        self.send({"event": "hello", "data": {
+            "vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
+            "uptime_at_start": self.started_uptime, "uptime": uptime(),
+            "python": sys.version.split()[0], "cloud_init": cloud_init_state()}})
+
+    def disconnected(self) -> None:
+        for up in list(self.uploads.values()):
+            try:
+                up["file"].close()
+                os.unlink(up["tmp"])
+            except OSError:
+                pass
+        self.uploads.clear()
+
+    # -- dispatch
+    def handle(self, msg: Dict[str, Any]) -> None:
+        call = msg.get("call")
+        mid = msg.get("id")
+        args = msg.get("args") or {}
+        fn = getattr(self, "call_" + str(call), None)
+        if fn is None:
+            self.send({"id": mid, "error": {"kind": "unknown_call",
+                                            "message": "unknown call %r" % (call,)}})
+            return
+        inline = call in ("ping", "put_chunk", "put_begin")  # ordered and cheap
+        if inline:
+            self._run(fn, mid, args)
+        else:
+            threading.Thread(target=self._run, args=(fn, mid, args), daemon=True).start()
+
+    def _run(self, fn: Callable[..., Any], mid: Any, args: Dict[str, Any]) -> None:
+        try:
+            result = fn(mid, **args)
+        except TypeError as exc:
+            self.send({"id": mid, "error": {"kind": "bad_args", "message": str(exc)}})
+        except Exception as exc:  # reported to the host, never fatal to the agent
+            self.send({"id": mid, "error": {"kind": type(exc).__name__, "message": str(exc)}})
+        else:
+            self.send({"id": mid, "result": result})
+
+    # -- calls
+    def call_ping(self, mid: Any) -> Dict[str, Any]:
+        return {"pong": True, "uptime": uptime()}
+
+    def call_health(self, mid: Any, checks: Optional[List[Dict[str, Any]]] = None
+                    ) -> Dict[str, Any]:
+        st = os.statvfs("/")
+        results = []
+        for chk in checks or []:
+            results.append(self._check(chk))
+        return {"agent": "ok", "load": list(os.getloadavg()), "memory": meminfo(),
+                "disk": {"total": st.f_blocks * st.f_frsize, "free": st.f_bavail * st.f_frsize},
+                "uptime": uptime(), "cloud_init": cloud_init_state(), "checks": results,
+                "healthy": all(r["ok"] for r in results)}
+
+    def _check(self, chk: Dict[str, Any]) -> Dict[str, Any]:
+        timeout = float(chk.get("timeout_s", 10))
+        name = chk.get("name") or chk.get("http_get") or " ".join(chk.get("command") or [])
+        try:
+            if chk.get("http_get"):
+                code = http_status(chk["http_get"], timeout)
+                want = int(chk.get("expect_status", 200))
+                return {"name": name, "ok": code == want, "detail": "HTTP %d" % code}
+            proc = subprocess.run(chk["command"], stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+            return {"name": name, "ok": proc.returncode == 0,
+                    "detail": "exit %d: %s" % (proc.returncode,
+                                               proc.stdout.decode(errors="replace")[-200:])}
+        except Exception as exc:
+            return {"name": name, "ok": False, "detail": "%s: %s" % (type(exc).__name__, exc)}
+
+    def call_cloud_init_status(self, mid: Any) -> Dict[str, Any]:
+        return cloud_init_state()
+
+    def call_exec(self, mid: Any, argv: List[str], shell: bool = False,
+                  env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
+                  stdin: Optional[str] = None, timeout: Optional[float] = None,
+                  stream: bool = True) -> Dict[str, Any]:
+        if not argv:
+            raise ValueError("argv is empty")
+        full_env = dict(os.environ)
+        full_env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+        if env:
+            full_env.update(env)
+        cmd: Any = " ".join(argv) if shell and len(argv) > 1 else (argv[0] if shell else argv)
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=full_env,
+                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                start_new_session=True)
+        collected: Dict[str, List[bytes]] = {"stdout": [], "stderr": []}
+
+        def pump(name: str, pipe: Any) -> None:
+            while True:
+                chunk = pipe.read1(CHUNK) if hasattr(pipe, "read1") else pipe.read(CHUNK)
+                if not chunk:
+                    break
+                if stream:
+                    self.send({"id": mid, "stream": name,
+                               "data": base64.b64encode(chunk).decode()})
+                else:
+                    collected[name].append(chunk)
+
+        pumps = [threading.Thread(target=pump, args=(n, p), daemon=True)
+                 for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        for t in pumps:
+            t.start()
+        if stdin is not None:
+            try:
+                assert proc.stdin is not None
+                proc.stdin.write(base64.b64decode(stdin))
+                proc.stdin.close()
+            except OSError:
+                pass
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for sig in (signal.SIGTERM, signal.SIGKILL):
+                try:
+                    os.killpg(proc.pid, sig)
+                except OSError:
+                    pass
+                try:
+                    proc.wait(timeout=2)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        for t in pumps:
+            t.join(timeout=5)
+        rc = proc.returncode
+        result: Dict[str, Any] = {
+            "exit_code": rc if rc is not None and rc >= 0 else None,
+            "signal": -rc if rc is not None and rc < 0 else None,
+            "timed_out": timed_out, "duration": time.monotonic() - started}
+        if not stream:
+            result["stdout"] = base64.b64encode(b"".join(collected["stdout"])).decode()
+            result["stderr"] = base64.b64encode(b"".join(collected["stderr"])).decode()
+        return result
+
+    @staticmethod
+    def _abs(path: str) -> str:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError("path must be absolute: %r" % (path,))
+        return os.path.normpath(path)
+
+    def call_put_begin(self, mid: Any, path: str, size: int, sha256: str,
+                       mode: Optional[int] = None, owner: Optional[str] = None,
+                       group: Optional[str] = None, mkdirs: bool = True) -> Dict[str, Any]:
+        path = self._abs(path)
+        parent = os.path.dirname(path)
+        if mkdirs:
+            os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, ".%s.vmforge-%d" % (os.path.basename(path), os.getpid()))
+        handle = "%s-%s" % (mid, time.monotonic())
+        self.uploads[handle] = {"path": path, "tmp": tmp, "file": open(tmp, "wb"),
+                                "hash": hashlib.sha256(), "size": size, "sha256": sha256,
+                                "mode": mode, "owner": owner, "group": group, "written": 0}
+        return {"handle": handle}
+
+    def call_put_chunk(self, mid: Any, handle: str, data: str) -> Dict[str, Any]:
+        up = self.uploads.get(handle)
+        if up is None:
+            raise ValueError("unknown or expired upload handle")
+        raw = base64.b64decode(data)
+        up["file"].write(raw)
+        up["hash"].update(raw)
+        up["written"] += len(raw)
+        return {"written": up["written"]}
+
+    def call_put_end(self, mid: Any, handle: str) -> Dict[str, Any]:
+        up = self.uploads.pop(handle, None)
+        if up is None:
+            raise ValueError("unknown or expired upload handle")
+        f = up["file"]
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
+        digest = up["hash"].hexdigest()
+        if digest != up["sha256"] or up["written"] != up["size"]:
+            os.unlink(up["tmp"])
+            raise ValueError("checksum mismatch: got %s (%d bytes), expected %s (%d bytes)"
+                             % (digest, up["written"], up["sha256"], up["size"]))
+        if up["mode"] is not None:
+            os.chmod(up["tmp"], int(up["mode"]))
+        if up["owner"] or up["group"]:
+            import grp
+            import pwd
+            uid = pwd.getpwnam(up["owner"]).pw_uid if up["owner"] else -1
+            gid = grp.getgrnam(up["group"]).gr_gid if up["group"] else -1
+            os.chown(up["tmp"], uid, gid)
+        os.replace(up["tmp"], up["path"])
+        return {"path": up["path"], "size": up["written"], "sha256": digest}
+
+    def call_get_file(self, mid: Any, path: str) -> Dict[str, Any]:
+        path = self._abs(path)
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            while True:
+                chunk = f.read(CHUNK)
+                if not chunk:
+                    break
+                h.update(chunk)
+                size += len(chunk)
+                self.send({"id": mid, "stream": "data",
+                           "data": base64.b64encode(chunk).decode()})
+        return {"path": path, "size": size, "sha256": h.hexdigest(), "mode": st.st_mode & 0o7777}
+
+    def call_list_tree(self, mid: Any, path: str) -> Dict[str, Any]:
+        root = self._abs(path)
+        if not os.path.isdir(root):
+            return {"root": root, "is_dir": False, "entries": []}
+        entries = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            for d in sorted(dirnames):
+                p = os.path.join(dirpath, d)
+                entries.append({"path": os.path.normpath(os.path.join(rel, d)), "type": "dir",
+                                "mode": os.stat(p).st_mode & 0o7777})
+            for name in sorted(filenames):
+                p = os.path.join(dirpath, name)
+                if os.path.islink(p) or not os.path.isfile(p):
+                    continue
+                entries.append({"path": os.path.normpath(os.path.join(rel, name)),
+                                "type": "file", "mode": os.stat(p).st_mode & 0o7777})
+        return {"root": root, "is_dir": True, "entries": entries}
+
+    def call_mkdir(self, mid: Any, path: str, mode: int = 0o755) -> Dict[str, Any]:
+        path = self._abs(path)
+        os.makedirs(path, mode=mode, exist_ok=True)
+        return {"path": path}
+
+    def _power(self, action: str) -> None:
+        time.sleep(0.3)  # let the reply reach the host first
+        os.sync()
+        if os.path.isdir("/run/systemd/system"):
+            subprocess.call(["systemctl", action])
+        else:
+            subprocess.call([action, "-f"])
+
+    def call_shutdown(self, mid: Any) -> Dict[str, Any]:
+        threading.Thread(target=self._power, args=("poweroff",), daemon=True).start()
+        return {"accepted": True}
+
+    def call_reboot(self, mid: Any) -> Dict[str, Any]:
+        threading.Thread(target=self._power, args=("reboot",), daemon=True).start()
+        return {"accepted": True}
+
+
+# ---------------------------------------------------------------------------- transports
+
+def find_port(name: str = PORT_NAME) -> Optional[str]:
+    link = "/dev/virtio-ports/" + name
+    if os.path.exists(link):
+        return link
+    for path in glob.glob("/sys/class/virtio-ports/*/name"):
+        if read_text(path).strip() == name:
+            dev = "/dev/" + os.path.basename(os.path.dirname(path))
+            if os.path.exists(dev):
+                return dev
+    return None
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+def serve_virtio(path: str, started: float) -> None:
+    fd = os.open(path, os.O_RDWR)
+    agent = Agent(lambda data: write_all(fd, data), started)
+    decoder = Decoder()
+    agent.hello()  # blocks until the host side is connected
+    while True:
+        data = os.read(fd, 1 << 20)
+        if not data:
+            # The host closed its end. Reads return EOF until it reconnects; the hello write
+            # blocks until then, so this is no busy loop, and every host gets a fresh hello.
+            agent.disconnected()
+            decoder = Decoder()
+            agent.hello()
+            continue
+        for msg in decoder.feed(data):
+            agent.handle(msg)
+
+
+def serve_vsock(port: int, started: float) -> None:
+    srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)  # type: ignore[attr-defined]
+    srv.bind((socket.VMADDR_CID_ANY, port))  # type: ignore[attr-defined]
+    srv.listen(1)
+    while True:
+        conn, _ = srv.accept()
+        agent = Agent(conn.sendall, started)
+        decoder = Decoder()
+        agent.hello()
+        try:
+            while True:
+                data = conn.recv(1 << 20)
+                if not data:
+                    break
+                for msg in decoder.feed(data):
+                    agent.handle(msg)
+        except OSError:
+            pass
+        finally:
+            agent.disconnected()
+            conn.close()
+
+
+def main() -> int:
+    started = uptime()
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    deadline = time.monotonic() + 60
+    while True:
+        port = find_port()
+        if port:
+            serve_virtio(port, started)
+        if os.path.exists("/dev/vsock") and hasattr(socket, "AF_VSOCK"):
+            serve_vsock(VSOCK_PORT, started)
+        if time.monotonic() > deadline:
+            sys.stderr.write("vmforge-agent: no virtio-serial port %s and no vsock\n" % PORT_NAME)
+            return 1
+        time.sleep(0.2)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

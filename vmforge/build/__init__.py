@@ -1,0 +1,1 @@
+"""Image builders: minimal (busybox + python + agent), debian (debootstrap), golden."""

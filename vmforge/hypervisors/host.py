@@ -1,0 +1,136 @@
+"""Host facts, probed once and passed into the pure builders.
+
+``/dev/kvm`` existing proves nothing: under broken nested virtualisation a kernel hangs right
+after decompression. So KVM is only trusted after a real kernel booted under it, and the answer
+is cached per (host kernel, QEMU version).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .. import run
+from ..errors import HostError
+
+__all__ = ["HostFacts", "probe_host", "probe_kvm", "probe_qemu", "probe_ovmf", "probe_tsc_khz",
+           "KvmVerdict"]
+
+OVMF_PAIRS = [
+    ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+    ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+    ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+]
+
+
+@dataclass(frozen=True)
+class KvmVerdict:
+    works: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    qemu_binary: str = "qemu-system-x86_64"
+    qemu_version: str = "7.2.0"
+    accel: str = "tcg"
+    accel_reason: str = "KVM not probed"
+    ovmf_code: str | None = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    ovmf_vars: str | None = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    tsc_khz: int | None = None
+
+
+def probe_qemu() -> tuple[str, str]:
+    binary = run.require_binary("qemu-system-x86_64", "qemu-system-x86")
+    out = run.run([binary, "--version"], what="qemu --version").text
+    m = re.search(r"version (\d+\.\d+(?:\.\d+)?)", out)
+    return binary, m.group(1) if m else "unknown"
+
+
+def probe_ovmf() -> tuple[str | None, str | None]:
+    for code, vars_ in OVMF_PAIRS:
+        if os.path.exists(code) and os.path.exists(vars_):
+            return code, vars_
+    return None, None
+
+
+def probe_tsc_khz() -> int | None:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"^cpu MHz\s*:\s*([\d.]+)", text, re.MULTILINE)
+    return int(float(m.group(1)) * 1000) if m else None
+
+
+def _boot_probe(qemu: str, kernel: str, timeout: float) -> KvmVerdict:
+    """Boot ``kernel`` under KVM with no root fs: a working KVM panics and exits within ~1 s."""
+    argv = [qemu, "-accel", "kvm", "-M", "q35", "-cpu", "host", "-m", "256", "-nodefaults",
+            "-no-user-config", "-display", "none", "-no-reboot", "-serial", "stdio",
+            "-kernel", kernel, "-append", "console=ttyS0 panic=-1 loglevel=4"]
+    try:
+        res = run.run(argv, timeout=timeout, check=False, what="KVM probe")
+    except Exception as exc:  # timeout: the kernel hung under KVM
+        if "timed out" in str(exc):
+            return KvmVerdict(False, f"a test kernel hung under KVM for {timeout:.0f}s "
+                                     "(typical of broken nested virtualisation)")
+        raise
+    out = res.stdout.decode(errors="replace")
+    if "Kernel panic" in out or "VFS" in out or "Linux version" in out:
+        return KvmVerdict(True, "a test kernel booted under KVM")
+    err = res.stderr.decode(errors="replace").strip().splitlines()
+    return KvmVerdict(False, f"QEMU could not run a guest under KVM: {err[-1] if err else '?'}")
+
+
+def probe_kvm(qemu: str, qemu_version: str, probe_kernel: str | None, cache_dir: Path | None,
+              timeout: float = 8.0) -> KvmVerdict:
+    if os.environ.get("VMFORGE_ACCEL") == "tcg":
+        return KvmVerdict(False, "VMFORGE_ACCEL=tcg")
+    if not os.path.exists("/dev/kvm"):
+        return KvmVerdict(False, "/dev/kvm does not exist (no hardware virtualisation)")
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return KvmVerdict(False, "/dev/kvm is not accessible (add yourself to group kvm)")
+    key = f"{platform.release()}|{qemu_version}"
+    cache = cache_dir / "kvm-probe.json" if cache_dir else None
+    if cache and cache.exists():
+        try:
+            data = json.loads(cache.read_text())
+            if data.get("key") == key:
+                return KvmVerdict(bool(data["works"]), str(data["reason"]) + " (cached)")
+        except (ValueError, KeyError):
+            pass
+    if not probe_kernel:
+        return KvmVerdict(False, "/dev/kvm exists but KVM is unverified: no kernel to test "
+                                 "it with yet (build one: vmforge image build minimal)")
+    verdict = _boot_probe(qemu, probe_kernel, timeout)
+    if cache:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"key": key, "works": verdict.works,
+                                     "reason": verdict.reason, "at": time.time()}))
+    return verdict
+
+
+def probe_host(*, probe_kernel: str | None = None, cache_dir: Path | None = None,
+               accel: str = "auto") -> HostFacts:
+    qemu, version = probe_qemu()
+    code, vars_ = probe_ovmf()
+    if accel == "tcg":
+        verdict = KvmVerdict(False, "TCG requested")
+    else:
+        verdict = probe_kvm(qemu, version, probe_kernel, cache_dir)
+        if accel == "kvm" and not verdict.works:
+            raise HostError(f"KVM was requested but does not work: {verdict.reason}",
+                            hint="set accel: auto (or tcg) in the spec")
+    return HostFacts(qemu_binary=qemu, qemu_version=version,
+                     accel="kvm" if verdict.works else "tcg",
+                     accel_reason=verdict.reason, ovmf_code=code, ovmf_vars=vars_,
+                     tsc_khz=probe_tsc_khz())
+
+
+def facts_dict(h: HostFacts) -> dict[str, object]:
+    return asdict(h)

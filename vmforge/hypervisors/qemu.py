@@ -1,0 +1,97 @@
+"""QEMU backend, pure part: LaunchPlan + HostFacts -> argv. No I/O here.
+
+Per-machine quirks live in :func:`machine_args` and the ``Machine`` enum, not at call sites.
+"""
+
+from __future__ import annotations
+
+from ..errors import HostError
+from ..spec import Firmware, Machine
+from .host import HostFacts
+from .plan import AGENT_PORT_NAME, LaunchPlan
+
+__all__ = ["qemu_argv", "machine_args", "virtio_device", "kernel_cmdline"]
+
+_MICROVM = "microvm,x-option-roms=off,rtc=on,isa-serial=on,pit=on,pic=on"
+
+
+def virtio_device(kind: str, machine: Machine) -> str:
+    """microvm has no PCI bus: its virtio devices sit on virtio-mmio."""
+    return f"virtio-{kind}-device" if machine is Machine.MICROVM else f"virtio-{kind}-pci"
+
+
+def machine_args(plan: LaunchPlan, host: HostFacts) -> list[str]:
+    m = _MICROVM if plan.machine is Machine.MICROVM else plan.machine.value
+    args = ["-machine", f"{m},accel={host.accel}"]
+    args += ["-cpu", "host" if host.accel == "kvm" else "max" if plan.machine is Machine.MICROVM
+             else "qemu64"]
+    return args
+
+
+def kernel_cmdline(plan: LaunchPlan, host: HostFacts) -> str:
+    assert plan.kernel is not None
+    cmdline = plan.kernel.cmdline
+    if plan.machine is Machine.MICROVM and host.tsc_khz and "tsc_early_khz" not in cmdline:
+        # Without it the guest hangs in about half the boots calibrating the TSC.
+        cmdline = f"{cmdline} tsc_early_khz={host.tsc_khz}".strip()
+    return cmdline
+
+
+def _cdrom_bus(machine: Machine, index: int) -> str:
+    if machine is Machine.Q35:
+        return f"ide.{index}"  # one AHCI port each
+    return f"ide.{index // 2},unit={index % 2}"
+
+
+def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> list[str]:
+    argv = [host.qemu_binary, "-name", f"{plan.name},debug-threads=on", "-nodefaults",
+            "-no-user-config", "-display", "none", "-vga", "none"]
+    argv += machine_args(plan, host)
+    argv += ["-smp", str(plan.cpu_cores), "-m", str(plan.memory_mib)]
+    if plan.firmware is Firmware.UEFI:
+        if not host.ovmf_code or not plan.uefi_vars:
+            raise HostError("UEFI firmware requested but OVMF was not found",
+                            hint="apt-get install ovmf")
+        argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={host.ovmf_code}",
+                 "-drive", f"if=pflash,format=raw,unit=1,file={plan.uefi_vars}"]
+    argv += ["-chardev", f"file,id=console,path={plan.console_log}", "-serial", "chardev:console",
+             "-qmp", f"unix:{plan.qmp_socket},server=on,wait=off", "-pidfile", plan.pidfile]
+    if daemonize:
+        argv.append("-daemonize")
+    if plan.kernel:
+        argv += ["-kernel", plan.kernel.kernel]
+        if plan.kernel.initrd:
+            argv += ["-initrd", plan.kernel.initrd]
+        argv += ["-append", kernel_cmdline(plan, host)]
+    for d in plan.disks:
+        opts = f"file={d.path},if=none,id={d.id},format={d.format},discard=unmap"
+        if d.readonly:
+            opts += ",readonly=on"
+        dev = f"{virtio_device('blk', plan.machine)},drive={d.id},serial={d.id[:20]}"
+        if d.bootindex is not None:
+            dev += f",bootindex={d.bootindex}"
+        argv += ["-drive", opts, "-device", dev]
+    for i, c in enumerate(plan.cdroms):
+        dev = f"ide-cd,drive={c.id},bus={_cdrom_bus(plan.machine, i)}"
+        if c.bootindex is not None:
+            dev += f",bootindex={c.bootindex}"
+        argv += ["-drive", f"file={c.path},if=none,id={c.id},media=cdrom,readonly=on,format=raw",
+                 "-device", dev]
+    if plan.seed:
+        argv += ["-drive", f"file={plan.seed},if=none,id=cidata,format=raw,readonly=on",
+                 "-device", f"{virtio_device('blk', plan.machine)},drive=cidata,serial=cidata"]
+    for nic in plan.nics:
+        netdev = f"user,id={nic.id}"
+        for fw in nic.forwards:
+            netdev += f",hostfwd={fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"
+        dev = f"{virtio_device('net', plan.machine)},netdev={nic.id}"
+        if nic.mac:
+            dev += f",mac={nic.mac}"
+        argv += ["-netdev", netdev, "-device", dev]
+    if plan.agent_socket:
+        argv += ["-chardev", f"socket,id=agent,path={plan.agent_socket},server=on,wait=off",
+                 "-device", f"{virtio_device('serial', plan.machine)},id=vser0",
+                 "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"]
+    argv += ["-device", f"{virtio_device('rng', plan.machine)}"]
+    argv += list(plan.extra_args)
+    return argv

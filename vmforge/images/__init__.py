@@ -1,0 +1,1 @@
+"""Images: the library (content-addressed store + catalog), downloads, qcow2 and kernels."""

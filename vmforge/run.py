@@ -1,0 +1,117 @@
+"""The only place in vmforge that starts processes.
+
+Every child gets an argv list (never a shell), stdin closed unless we feed it, a fixed
+environment, a debug log line with secrets redacted, and is killed if we fail while it runs.
+Failures raise :class:`CommandError` carrying argv, exit code and stderr.
+
+Unit tests install a guard (``set_guard``) so that a test which is not allowed to start
+processes fails loudly instead of quietly depending on the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import CommandError, HostError
+
+__all__ = ["Completed", "run", "spawn", "find_binary", "require_binary", "set_guard"]
+
+log = logging.getLogger("vmforge.run")
+
+_SECRET = re.compile(r"(password|passwd|secret|token|key)=([^,\s]+)", re.IGNORECASE)
+_BASE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+             "LC_ALL": "C.UTF-8", "LANG": "C.UTF-8"}
+
+_guard: Callable[[Sequence[str]], None] | None = None
+
+
+def set_guard(guard: Callable[[Sequence[str]], None] | None) -> None:
+    """Install a callable that is consulted (and may raise) before any process starts."""
+    global _guard
+    _guard = guard
+
+
+def _check(argv: Sequence[str]) -> None:
+    if _guard is not None:
+        _guard(argv)
+
+
+def redact(argv: Sequence[str]) -> str:
+    return " ".join(_SECRET.sub(r"\1=***", a) for a in argv)
+
+
+def _env(extra: Mapping[str, str] | None) -> dict[str, str]:
+    env = dict(_BASE_ENV)
+    for key in ("HOME", "TMPDIR", "USER"):
+        if key in os.environ:
+            env[key] = os.environ[key]
+    if extra:
+        env.update(extra)
+    return env
+
+
+@dataclass(frozen=True)
+class Completed:
+    argv: list[str]
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True,
+        timeout: float | None = None, env: Mapping[str, str] | None = None,
+        cwd: str | Path | None = None, what: str | None = None,
+        hint: str | None = None) -> Completed:
+    """Run a command to completion and capture its output."""
+    argv = [str(a) for a in argv]
+    _check(argv)
+    log.debug("run: %s", redact(argv))
+    try:
+        proc = subprocess.run(
+            argv, input=input, stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True, timeout=timeout, env=_env(env), cwd=cwd, check=False)
+    except FileNotFoundError as exc:
+        raise HostError(f"{argv[0]} is not installed", hint=hint or "run `vmforge doctor`") from exc
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        raise CommandError(argv, None, err, what=what, hint=hint) from exc
+    if check and proc.returncode != 0:
+        raise CommandError(argv, proc.returncode, proc.stderr.decode(errors="replace"),
+                           what=what, hint=hint)
+    return Completed(argv, proc.returncode, proc.stdout, proc.stderr)
+
+
+def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
+          stderr: int | None = subprocess.PIPE, env: Mapping[str, str] | None = None,
+          cwd: str | Path | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
+    """Start a long-lived child; the caller owns it and must stop it."""
+    argv = [str(a) for a in argv]
+    _check(argv)
+    log.debug("spawn: %s", redact(argv))
+    try:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                                env=_env(env), cwd=cwd, start_new_session=new_session)
+    except FileNotFoundError as exc:
+        raise HostError(f"{argv[0]} is not installed", hint="run `vmforge doctor`") from exc
+
+
+def find_binary(name: str) -> str | None:
+    return shutil.which(name, path=_BASE_ENV["PATH"] + ":" + os.environ.get("PATH", ""))
+
+
+def require_binary(name: str, package: str) -> str:
+    path = find_binary(name)
+    if path is None:
+        raise HostError(f"{name} not found", hint=f"apt-get install {package}")
+    return path

@@ -1,0 +1,166 @@
+"""Assemble a NoCloud seed from a spec: validation, defaults and the agent MIME part."""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import os
+from dataclasses import dataclass
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from pathlib import Path
+
+import yaml
+
+from ..spec import CloudInit
+from .validate import parse_meta_data, validate_network_config, validate_user_data
+
+__all__ = ["Seed", "build_seed", "default_user_data", "find_ssh_public_key", "inject_agent"]
+
+
+@dataclass(frozen=True)
+class Seed:
+    meta_data: bytes
+    user_data: bytes
+    network_config: bytes | None = None
+    vendor_data: bytes | None = None
+
+    def files(self) -> list[tuple[str, bytes]]:
+        out = [("meta-data", self.meta_data), ("user-data", self.user_data)]
+        if self.network_config is not None:
+            out.append(("network-config", self.network_config))
+        if self.vendor_data is not None:
+            out.append(("vendor-data", self.vendor_data))
+        return out
+
+
+def find_ssh_public_key(home: Path | None = None) -> str | None:
+    """The invoking user's SSH public key, if there is one."""
+    home = home or Path(os.environ.get("HOME") or Path.home())
+    for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
+        p = home / ".ssh" / name
+        if p.is_file():
+            return p.read_text().strip()
+    return None
+
+
+def default_user_data(hostname: str, ssh_key: str | None, user: str | None = None) -> bytes:
+    """A sensible default for a cloud image that was given no cloud-init config."""
+    user = user or os.environ.get("SUDO_USER") or getpass.getuser()
+    if user == "root":
+        user = "vmforge"
+    entry: dict[str, object] = {
+        "name": user, "groups": ["sudo"], "shell": "/bin/bash",
+        "sudo": "ALL=(ALL) NOPASSWD:ALL", "lock_passwd": True,
+    }
+    if ssh_key:
+        entry["ssh_authorized_keys"] = [ssh_key]
+    doc = {"hostname": hostname, "preserve_hostname": False, "users": ["default", entry],
+           "ssh_pwauth": False}
+    return b"#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False).encode()
+
+
+def _meta_data(text: str | None, name: str) -> bytes:
+    meta = parse_meta_data(text or "")
+    meta.setdefault("instance-id", name)
+    meta.setdefault("local-hostname", name)
+    return yaml.safe_dump(meta, sort_keys=False).encode()
+
+
+def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: bool = False,
+               ssh_key: str | None = None) -> Seed:
+    """Validate the spec's cloud_init and produce the seed files (pure apart from defaults)."""
+    ci = cloud_init or CloudInit()
+    if ci.user_data is not None:
+        user = ci.user_data.encode()
+        validate_user_data(user, "spec.cloud_init.user_data")
+    elif default_if_empty:
+        user = default_user_data(name, ssh_key)
+    else:
+        user = b"#cloud-config\n{}\n"
+    net = None
+    if ci.network_config is not None:
+        validate_network_config(ci.network_config, "spec.cloud_init.network_config")
+        net = ci.network_config.encode()
+    vendor = None
+    if ci.vendor_data is not None:
+        validate_user_data(ci.vendor_data.encode(), "spec.cloud_init.vendor_data")
+        vendor = ci.vendor_data.encode()
+    meta = _meta_data(ci.meta_data, name)
+    return Seed(meta, user, net, vendor)
+
+
+AGENT_UNIT = """[Unit]
+Description=vmforge guest agent
+After=systemd-udevd.service
+ConditionPathExists=/usr/local/lib/vmforge/agent.py
+
+[Service]
+ExecStart=/usr/bin/python3 /usr/local/lib/vmforge/agent.py
+Restart=always
+RestartSec=1
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _user_part(user: bytes) -> list[MIMEText]:
+    import email
+    import email.policy
+    text = user.decode()
+    first = text.lstrip().splitlines()[0] if text.strip() else ""
+    if first.lower().startswith(("content-type:", "mime-version:")):
+        msg = email.message_from_string(text, policy=email.policy.compat32)
+        parts = []
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            sub = part.get_content_subtype()
+            parts.append(MIMEText(payload.decode(), sub, "utf-8"))
+        return parts
+    if first.startswith("#cloud-config"):
+        return [MIMEText(text, "cloud-config", "utf-8")]
+    if first.startswith("#!"):
+        return [MIMEText(text, "x-shellscript", "utf-8")]
+    if first.startswith("#cloud-boothook"):
+        return [MIMEText(text, "cloud-boothook", "utf-8")]
+    return [MIMEText(text, "x-include-url" if first.startswith("#include") else "plain", "utf-8")]
+
+
+def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
+    """Add the guest agent as its own MIME part; the user's own parts are kept byte for byte.
+
+    Our part merges with ``list(append)`` and ``dict(no_replace)`` so it can never replace a
+    key the user set (cloud-init's default merge would let a later part replace lists).
+    """
+    if seed.user_data[:2] == b"\x1f\x8b":
+        import gzip
+        user = gzip.decompress(seed.user_data)
+    else:
+        user = seed.user_data
+    doc = {
+        "merge_how": [{"name": "list", "settings": ["append"]},
+                      {"name": "dict", "settings": ["no_replace", "recurse_list"]}],
+        "write_files": [
+            {"path": "/usr/local/lib/vmforge/agent.py", "permissions": "0755",
+             "encoding": "b64", "content": base64.b64encode(agent_source).decode()},
+            {"path": "/etc/systemd/system/vmforge-agent.service", "permissions": "0644",
+             "content": AGENT_UNIT},
+        ],
+        "bootcmd": [["sh", "-c", "test -f /usr/local/lib/vmforge/agent.py && "
+                     "systemctl start --no-block vmforge-agent.service || true"]],
+        "runcmd": [["systemctl", "daemon-reload"],
+                   ["systemctl", "enable", "--now", "vmforge-agent.service"]],
+    }
+    agent_part = MIMEText("#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False),
+                          "cloud-config", "utf-8")
+    agent_part.add_header("Content-Disposition", 'attachment; filename="vmforge-agent.yaml"')
+    outer = MIMEMultipart()
+    if user.strip() and user.strip() not in (b"#cloud-config\n{}", b"#cloud-config"):
+        for part in _user_part(user):
+            outer.attach(part)
+    outer.attach(agent_part)
+    return Seed(seed.meta_data, outer.as_bytes(), seed.network_config, seed.vendor_data)

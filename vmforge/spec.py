@@ -1,0 +1,368 @@
+"""VM specs: frozen, validated models, loaded from YAML or JSON.
+
+The on-disk format is the node daemon's request format: ``{"name": ..., "spec": {...}}``.
+Enum values accept both the API spelling (``FIRMWARE_UEFI``, ``BOOT_DEVICE_CDROM``) and the
+short one (``uefi``, ``cdrom``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from .errors import SpecError
+
+__all__ = [
+    "Firmware", "BootDevice", "Machine", "DiskFormat", "Disk", "Cdrom", "CloudInit",
+    "PortForward", "Nic", "KernelBoot", "AgentSpec", "HealthCheck", "ProvisionStep",
+    "VmSpec", "VmRequest", "NAME_RE", "validate_name", "load_request", "parse_request",
+    "dump_request",
+]
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?$")
+ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,31}$")
+
+
+def validate_name(name: str, field: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RE.match(name):
+        raise SpecError(
+            f"invalid VM name {name!r}",
+            field=field,
+            hint="use 1-63 letters, digits and '-', starting and ending with a letter or digit",
+        )
+    return name
+
+
+def _enum_alias(prefix: str) -> Any:
+    def convert(value: Any) -> Any:
+        if isinstance(value, str):
+            v = value.strip()
+            if v.upper().startswith(prefix):
+                v = v[len(prefix):]
+            return v.lower()
+        return value
+    return BeforeValidator(convert)
+
+
+class Firmware(enum.StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+
+class BootDevice(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+    NETWORK = "network"
+
+    def to_qemu(self) -> str:
+        return {"disk": "c", "cdrom": "d", "network": "n"}[self.value]
+
+
+class Machine(enum.StrEnum):
+    Q35 = "q35"
+    PC = "pc"
+    MICROVM = "microvm"
+
+
+class DiskFormat(enum.StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+FirmwareField = Annotated[Firmware, _enum_alias("FIRMWARE_")]
+BootDeviceField = Annotated[BootDevice, _enum_alias("BOOT_DEVICE_")]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
+
+
+class Disk(_Model):
+    id: str
+    size_gib: float | None = Field(default=None, gt=0, le=65536)
+    bootable: bool = False
+    backing_file: str | None = None
+    image: str | None = None
+    format: DiskFormat = DiskFormat.QCOW2
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must be 1-32 letters, digits, '-' or '_'")
+        return v
+
+    @model_validator(mode="after")
+    def _source(self) -> Disk:
+        if self.backing_file and self.image:
+            raise ValueError("give either backing_file or image, not both")
+        if not self.backing_file and not self.image and self.size_gib is None:
+            raise ValueError("a blank disk needs size_gib")
+        return self
+
+
+class Cdrom(_Model):
+    id: str
+    iso_path: str
+    bootable: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        if not ID_RE.match(v):
+            raise ValueError("must be 1-32 letters, digits, '-' or '_'")
+        return v
+
+
+class CloudInit(_Model):
+    user_data: str | None = None
+    meta_data: str | None = None
+    network_config: str | None = None
+    vendor_data: str | None = None
+
+
+class PortForward(_Model):
+    host_port: int = Field(ge=0, le=65535)
+    guest_port: int = Field(ge=1, le=65535)
+    protocol: str = Field(default="tcp", pattern="^(tcp|udp)$")
+    host_addr: str = "127.0.0.1"
+
+
+class Nic(_Model):
+    id: str = "net0"
+    mode: str = Field(default="user", pattern="^user$")
+    mac: str | None = Field(default=None, pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+    forwards: tuple[PortForward, ...] = ()
+
+
+class KernelBoot(_Model):
+    image: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> KernelBoot:
+        if not self.image and not self.kernel:
+            raise ValueError("give image (a library image) or kernel (a path)")
+        if self.image and self.kernel:
+            raise ValueError("give either image or kernel, not both")
+        return self
+
+
+class AgentSpec(_Model):
+    enabled: bool = True
+    inject: bool = True  # add the agent to cloud-init user-data of cloud images
+
+
+class HealthCheck(_Model):
+    name: str | None = None
+    http_get: str | None = None  # e.g. "http://127.0.0.1:2280/health" (inside the guest)
+    expect_status: int = 200
+    command: tuple[str, ...] | None = None
+    timeout_s: float = Field(default=10, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> HealthCheck:
+        if bool(self.http_get) == bool(self.command):
+            raise ValueError("give exactly one of http_get or command")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"GET {self.http_get}" if self.http_get else
+                             " ".join(self.command or ()))
+
+
+class ProvisionStep(_Model):
+    name: str | None = None
+    copy_: tuple[str, str] | None = Field(default=None, alias="copy")
+    run: tuple[str, ...] | None = None
+    shell: str | None = None
+    wait_health: bool = False
+    timeout_s: float = Field(default=300, gt=0)
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one(self) -> ProvisionStep:
+        given = [x for x in (self.copy_, self.run, self.shell) if x]
+        if len(given) + int(self.wait_health) != 1:
+            raise ValueError("give exactly one of copy, run, shell or wait_health")
+        return self
+
+    @property
+    def label(self) -> str:
+        if self.name:
+            return self.name
+        if self.copy_:
+            return f"copy {self.copy_[0]} -> {self.copy_[1]}"
+        if self.run:
+            return "run " + " ".join(self.run)
+        if self.shell:
+            return "shell " + self.shell
+        return "wait for health"
+
+
+class VmSpec(_Model):
+    cpu_cores: int = Field(default=1, ge=1, le=256)
+    memory_mib: int = Field(default=512, ge=64, le=1024 * 1024)
+    machine: Machine = Machine.Q35
+    firmware: FirmwareField = Firmware.BIOS
+    boot_order: tuple[BootDeviceField, ...] = ()
+    disks: tuple[Disk, ...] = ()
+    cdroms: tuple[Cdrom, ...] = ()
+    nics: tuple[Nic, ...] = (Nic(),)
+    kernel: KernelBoot | None = None
+    cloud_init: CloudInit | None = None
+    agent: AgentSpec = AgentSpec()
+    health_checks: tuple[HealthCheck, ...] = ()
+    provision: tuple[ProvisionStep, ...] = ()
+    accel: str = Field(default="auto", pattern="^(auto|kvm|tcg)$")
+    hypervisor: str = Field(default="qemu", pattern="^(qemu|libvirt|cloud-hypervisor|firecracker)$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VmSpec:
+        ids = [d.id for d in self.disks] + [c.id for c in self.cdroms]
+        dup = {i for i in ids if ids.count(i) > 1}
+        if dup:
+            raise ValueError(f"device ids must be unique; repeated: {', '.join(sorted(dup))}")
+        if sum(d.bootable for d in self.disks) > 1:
+            raise ValueError("at most one disk may be bootable")
+        if len(set(self.boot_order)) != len(self.boot_order):
+            raise ValueError("boot_order lists a device twice")
+        if BootDevice.CDROM in self.boot_order and not any(c.bootable for c in self.cdroms):
+            raise ValueError("boot_order has BOOT_DEVICE_CDROM but no cdrom is bootable")
+        if self.machine is Machine.MICROVM and (self.cdroms or self.firmware is Firmware.UEFI):
+            raise ValueError("microvm supports neither cdroms nor UEFI; use machine q35")
+        return self
+
+    @property
+    def boot_disk(self) -> Disk | None:
+        for d in self.disks:
+            if d.bootable:
+                return d
+        return self.disks[0] if self.disks and not self.kernel else None
+
+
+class VmRequest(_Model):
+    name: str
+    spec: VmSpec = VmSpec()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not NAME_RE.match(v):
+            raise ValueError("must be 1-63 letters, digits and '-', starting and ending with a "
+                             "letter or digit (it becomes a directory name and the hostname)")
+        return v
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.startswith(("function-", "json-or-python", "lax-or-strict")) or part in (
+                "str", "int", "float", "bool", "list", "tuple", "dict"):
+            continue
+        else:
+            out += ("." if out else "") + part
+    return out or "(top level)"
+
+
+def spec_error_from(exc: ValidationError, source: str = "") -> SpecError:
+    lines = []
+    first_field = None
+    for err in exc.errors():
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("[")))
+        field = _loc(loc)
+        first_field = first_field or field
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see `vmforge spec --help`)"
+        elif err["type"] == "missing":
+            msg = "required field is missing"
+        elif err["type"] == "enum":
+            msg = f"{msg} (got {err.get('input')!r})"
+        elif msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        elif "input" in err and err["type"] not in ("model_type",):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"{field}: {msg}")
+    where = f"{source}: " if source else ""
+    err = SpecError(where + "; ".join(lines), hint="fix the field(s) named above")
+    err.field = first_field
+    return err
+
+
+def parse_request(data: Any, source: str = "") -> VmRequest:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source or 'spec'}: the top level must be a mapping with name and spec")
+    try:
+        return VmRequest.model_validate(data)
+    except ValidationError as exc:
+        raise spec_error_from(exc, source) from None
+
+
+def load_document(text: str, source: str) -> Any:
+    """Parse YAML (a superset of JSON); errors carry line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        pos = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
+        raise SpecError(f"{source}: invalid YAML at {pos}: {exc.problem}",
+                        hint="fix the syntax at that position") from None
+    except yaml.YAMLError as exc:
+        raise SpecError(f"{source}: invalid YAML: {exc}") from None
+
+
+def load_request(path: str | Path, name: str | None = None) -> VmRequest:
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read spec file {p}: {exc.strerror}") from None
+    data = load_document(text, str(p))
+    if isinstance(data, dict) and name is not None:
+        data = {**data, "name": name}
+    req = parse_request(data, str(p))
+    return resolve_paths(req, p.parent)
+
+
+def resolve_paths(req: VmRequest, base: Path) -> VmRequest:
+    """Make relative file paths in a spec relative to the spec file's directory."""
+    def fix(value: str | None) -> str | None:
+        if value is None or Path(value).is_absolute():
+            return value
+        return str((base / value).resolve())
+
+    spec = req.spec
+    disks = tuple(d.model_copy(update={"backing_file": fix(d.backing_file)}) for d in spec.disks)
+    cdroms = tuple(c.model_copy(update={"iso_path": fix(c.iso_path)}) for c in spec.cdroms)
+    kernel = spec.kernel
+    if kernel and kernel.kernel:
+        kernel = kernel.model_copy(update={"kernel": fix(kernel.kernel),
+                                           "initrd": fix(kernel.initrd)})
+    new_spec = spec.model_copy(update={"disks": disks, "cdroms": cdroms, "kernel": kernel})
+    return req.model_copy(update={"spec": new_spec})
+
+
+def dump_request(req: VmRequest) -> str:
+    return json.dumps(req.model_dump(mode="json", by_alias=True, exclude_defaults=True),
+                      sort_keys=True)
