@@ -1,0 +1,85 @@
+"""Shared CLI plumbing: consoles, the manager, error reporting, JSON output."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import typer
+from rich.console import Console
+
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+_state: dict[str, Any] = {"data_dir": None, "verbose": False}
+
+
+def set_options(data_dir: Path | None, verbose: bool) -> None:
+    _state["data_dir"] = data_dir
+    _state["verbose"] = verbose
+
+
+def manager() -> Any:
+    from ..node.manager import VmManager
+    from ..paths import DataDir
+
+    d = _state["data_dir"]
+    return VmManager(DataDir(d) if d else None)
+
+
+def fail(exc: Exception) -> NoReturn:
+    from ..errors import VmforgeError
+
+    if isinstance(exc, VmforgeError):
+        err.print(f"[bold red]error:[/] {exc.message}", highlight=False, markup=True,
+                  soft_wrap=True)
+        if exc.hint:
+            err.print(f"[yellow]hint:[/] {exc.hint}", highlight=False)
+        raise typer.Exit(exc.exit_code)
+    raise exc
+
+
+@contextmanager
+def errors_reported() -> Iterator[None]:
+    from ..errors import VmforgeError
+
+    try:
+        yield
+    except VmforgeError as exc:
+        fail(exc)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def progress(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr whose text follows the work; plain lines when not a terminal."""
+    if not err.is_terminal:
+        def plain(msg: str) -> None:
+            err.print(f"[dim]{title}: {msg}[/]", highlight=False)
+        yield plain
+        return
+    with err.status(title) as status:
+        def update(msg: str) -> None:
+            status.update(f"{title}: {msg}")
+        yield update
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def human_size(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)

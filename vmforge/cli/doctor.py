@@ -1,0 +1,55 @@
+"""`vmforge doctor`: what the host has, what it lacks, and how to fix each."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+from .. import run
+
+
+def run_doctor(m: Any) -> list[dict[str, Any]]:
+    from ..hypervisors.host import probe_ovmf, probe_qemu
+
+    checks: list[dict[str, Any]] = []
+
+    def add(name: str, status: str, detail: str, fix: str = "", required: bool = False) -> None:
+        checks.append({"name": name, "status": status, "detail": detail, "fix": fix,
+                       "required": required})
+
+    try:
+        binary, version = probe_qemu()
+        add("qemu", "ok", f"{binary} {version}", required=True)
+    except Exception as exc:  # noqa: BLE001
+        add("qemu", "missing", str(exc), "apt-get install qemu-system-x86", required=True)
+        binary = None
+    img_tool = run.find_binary("qemu-img")
+    add("qemu-img", "ok" if img_tool else "missing", img_tool or "not found",
+        "" if img_tool else "apt-get install qemu-utils", required=True)
+    if binary:
+        host = m.host()
+        add("kvm", "ok" if host.accel == "kvm" else "warn",
+            host.accel_reason + ("" if host.accel == "kvm" else "; VMs run under TCG (slower)"),
+            "" if host.accel == "kvm" else "enable (nested) virtualisation for this host")
+    code, _vars = probe_ovmf()
+    add("ovmf (UEFI)", "ok" if code else "warn", code or "not found",
+        "" if code else "apt-get install ovmf")
+    for tool, pkg, why in (("busybox", "busybox-static", "minimal image (taken from the .deb)"),
+                           ("apt-get", "apt", "image builders fetch Debian packages"),
+                           ("dpkg-deb", "dpkg", "unpacking packages"),
+                           ("mkfs.vfat", "dosfstools", "vfat seeds"),
+                           ("mcopy", "mtools", "vfat seeds"),
+                           ("debootstrap", "debootstrap", "the Debian cloud image builder"),
+                           ("mkfs.ext4", "e2fsprogs", "the Debian cloud image builder")):
+        path = run.find_binary(tool)
+        add(tool, "ok" if path else "warn", path or f"not found ({why})",
+            "" if path else f"apt-get install {pkg}")
+    m.data.root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(m.data.root).free
+    add("free disk", "ok" if free > 5 * 1024**3 else "warn",
+        f"{free / 1024**3:.1f} GiB free in {m.data.root}",
+        "" if free > 5 * 1024**3 else "free some space or use --data-dir")
+    img = m.library.find("minimal")
+    add("minimal image", "ok" if img else "warn", img.ref if img else "not built",
+        "" if img else "vmforge image build minimal")
+    return checks

@@ -1,0 +1,456 @@
+"""`vmforge`: VMs (create, run, start, stop, kill, rm, ls, inspect, console), the guest agent
+(wait, exec, cp, health), seeds, images and host diagnostics."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .common import (
+    err,
+    errors_reported,
+    fail,
+    human_size,
+    manager,
+    out,
+    print_json,
+    progress,
+    set_options,
+)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Build VM images and run VMs from them (QEMU, with a guest agent).")
+seed_app = typer.Typer(no_args_is_help=True, help="cloud-init NoCloud seeds.")
+app.add_typer(seed_app, name="seed")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+
+
+@app.callback()
+def _root(
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", envvar="VMFORGE_HOME", help="State directory "
+        "(default $XDG_DATA_HOME/vmforge).")] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    set_options(data_dir, verbose)
+    if verbose:
+        import logging
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
+
+
+def _load(spec: Path, name: str | None) -> Any:
+    from ..spec import load_request
+    return load_request(spec, name)
+
+
+def _requests(spec: Path, names: list[str] | None) -> list[Any]:
+    return [_load(spec, n) for n in names] if names else [_load(spec, None)]
+
+
+# ---------------------------------------------------------------------------- lifecycle
+
+@app.command()
+def create(
+    spec: Annotated[Path, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")],
+    name: Annotated[list[str] | None, typer.Option("--name", "-n",
+                    help="VM name (repeat to create many from one spec).")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create VM(s) from a spec without starting them."""
+    with errors_reported():
+        reqs = _requests(spec, name)
+        m = manager()
+        recs = []
+        for req in reqs:
+            with progress(f"creating {req.name}") as p:
+                recs.append(m.create(req, p))
+        if json_out:
+            print_json([r.as_dict() for r in recs])
+        else:
+            for r in recs:
+                out.print(f"created [bold]{r.name}[/]")
+
+
+@app.command("run")
+def run_cmd(
+    spec: Annotated[Path, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")],
+    name: Annotated[list[str] | None, typer.Option("--name", "-n",
+                    help="VM name (repeat to run many from one spec).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 300,
+    json_out: JsonOpt = False,
+) -> None:
+    """Create, start and wait until the VM is ready (agent hello); print the time to ready."""
+    with errors_reported():
+        reqs = _requests(spec, name)
+        m = manager()
+        recs = []
+        for req in reqs:
+            with progress(f"{req.name}") as p:
+                recs.append(m.run(req, timeout=timeout, progress=p))
+        if json_out:
+            print_json([r.as_dict() for r in recs])
+            return
+        for r in recs:
+            extra = ""
+            if r.request.spec.agent.enabled:
+                extra = " (agent ready)"
+            out.print(f"[bold green]{r.name}[/] is ready in [bold]{r.boot_seconds:.2f}s[/]"
+                      f"{extra} · accel {r.accel} · pid {r.pid}", highlight=False)
+
+
+@app.command()
+def start(
+    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    wait: Annotated[bool, typer.Option(help="Wait until ready.")] = True,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 300,
+) -> None:
+    """Start stopped VM(s)."""
+    with errors_reported():
+        m = manager()
+        for n in names:
+            with progress(f"starting {n}") as p:
+                rec = m.start(n, p)
+                if wait:
+                    p("waiting until ready")
+                    rec = m.wait_ready(n, timeout)
+            msg = f" ready in {rec.boot_seconds:.2f}s" if rec.boot_seconds else " started"
+            out.print(f"[bold]{n}[/]{msg}", highlight=False)
+
+
+@app.command()
+def stop(
+    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    timeout: Annotated[float, typer.Option(help="Seconds before forcing.")] = 30,
+) -> None:
+    """Stop VM(s): agent shutdown or ACPI power button, then quit, then kill."""
+    with errors_reported():
+        m = manager()
+        for n in names:
+            with progress(f"stopping {n}"):
+                how = m.stop(n, timeout)
+            out.print(f"stopped [bold]{n}[/] ({how})")
+
+
+@app.command()
+def kill(names: Annotated[list[str], typer.Argument(help="VM name(s).")]) -> None:
+    """Kill VM(s) at once (SIGKILL to QEMU)."""
+    with errors_reported():
+        m = manager()
+        for n in names:
+            m.kill(n)
+            out.print(f"killed [bold]{n}[/]")
+
+
+@app.command("rm")
+def rm_cmd(
+    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    force: Annotated[bool, typer.Option("-f", "--force", help="Kill running VMs first.")]
+    = False,
+) -> None:
+    """Delete VM(s) and their directories."""
+    with errors_reported():
+        m = manager()
+        for n in names:
+            m.delete(n, force=force)
+            out.print(f"removed [bold]{n}[/]")
+
+
+@app.command("ls")
+def ls_cmd(json_out: JsonOpt = False) -> None:
+    """List VMs."""
+    with errors_reported():
+        recs = manager().list()
+        if json_out:
+            print_json([r.as_dict() for r in recs])
+            return
+        from rich.table import Table
+        t = Table(box=None, header_style="bold")
+        for col in ("NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID", "BOOT", "AGE"):
+            t.add_column(col)
+        now = time.time()
+        colour = {"running": "green", "crashed": "red", "stopped": "dim"}
+        for r in recs:
+            s = r.request.spec
+            t.add_row(r.name, f"[{colour.get(r.state, 'yellow')}]{r.state}[/]",
+                      str(s.cpu_cores), f"{s.memory_mib} MiB", r.accel or "-",
+                      str(r.pid or "-"),
+                      f"{r.boot_seconds:.2f}s" if r.boot_seconds else "-",
+                      f"{(now - r.created_at) / 60:.0f}m")
+        out.print(t)
+
+
+@app.command()
+def inspect(name: str, json_out: JsonOpt = False) -> None:
+    """Show everything about a VM."""
+    with errors_reported():
+        rec = manager().get(name)
+        data = rec.as_dict()
+        if json_out:
+            print_json(data)
+            return
+        for key in ("name", "state", "pid", "accel", "boot_seconds", "dir", "console_log",
+                    "agent_socket", "last_error"):
+            out.print(f"[bold]{key:>13}[/]: {data[key]}", highlight=False)
+        import json
+        out.print("[bold]         spec[/]:")
+        out.print_json(json.dumps(data["spec"]))
+
+
+@app.command()
+def console(
+    name: str,
+    follow: Annotated[bool, typer.Option("--follow", "-F", help="Keep printing.")] = False,
+    lines: Annotated[int, typer.Option("--lines", "-n", help="Last N lines (0: all).")] = 0,
+) -> None:
+    """Print the VM's serial console log."""
+    import sys
+    with errors_reported():
+        rec = manager().get(name)
+        path = rec.paths.console
+        data = path.read_bytes() if path.exists() else b""
+        if lines:
+            data = b"\n".join(data.splitlines()[-lines:]) + b"\n"
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        if follow:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                try:
+                    while True:
+                        chunk = f.read()
+                        if chunk:
+                            sys.stdout.buffer.write(chunk)
+                            sys.stdout.flush()
+                        else:
+                            time.sleep(0.2)
+                except KeyboardInterrupt:
+                    pass
+
+
+# ---------------------------------------------------------------------------- agent
+
+def _agent_socket(name: str) -> Path:
+    from ..errors import InvalidState
+    rec = manager().get(name)
+    if rec.state != "running":
+        raise InvalidState(f"VM {name} is {rec.state}, not running")
+    return rec.paths.agent
+
+
+@app.command()
+def wait(name: str, timeout: Annotated[float, typer.Option(help="Seconds.")] = 300) -> None:
+    """Wait until the VM's agent has announced itself."""
+    with errors_reported():
+        t0 = time.monotonic()
+        manager().wait_ready(name, timeout)
+        out.print(f"[bold]{name}[/] is ready ({time.monotonic() - t0:.2f}s)", highlight=False)
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_cmd(
+    name: str,
+    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
+    interactive: Annotated[bool, typer.Option("-i", "--interactive",
+                           help="Send this command's stdin to the guest command.")] = False,
+    env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
+    cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Kill after this many seconds.")]
+    = None,
+    shell: Annotated[bool, typer.Option("--shell", help="Run through /bin/sh -c.")] = False,
+) -> None:
+    """Run a command in the guest; output streams live; exits with the guest's exit code."""
+    import asyncio
+    import sys
+
+    from ..agent.client import AgentClient
+
+    with errors_reported():
+        if command and command[0] == "--":
+            command = command[1:]
+        sock = _agent_socket(name)
+        environ = {}
+        for item in env or []:
+            k, sep, v = item.partition("=")
+            if not sep:
+                from ..errors import SpecError
+                raise SpecError(f"--env {item!r} is not KEY=VALUE", field="--env")
+            environ[k] = v
+        data = sys.stdin.buffer.read() if interactive else None
+
+        def show(stream: str, chunk: bytes) -> None:
+            target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
+            target.write(chunk)
+            target.flush()
+
+        async def go() -> Any:
+            async with AgentClient(sock) as c:
+                return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
+                                    stdin=data, timeout=timeout, on_output=show)
+        res = asyncio.run(go())
+        if res.timed_out:
+            err.print(f"timed out after {timeout}s (killed with signal {res.signal})")
+            raise typer.Exit(124)
+        if res.signal:
+            raise typer.Exit(128 + res.signal)
+        raise typer.Exit(res.exit_code or 0)
+
+
+@app.command()
+def cp(
+    src: Annotated[str, typer.Argument(help="Source: a local path or VM:/path")],
+    dst: Annotated[str, typer.Argument(help="Destination: a local path or VM:/path")],
+) -> None:
+    """Copy files or directories (recursively) between the host and a VM."""
+    import asyncio
+
+    from ..agent.client import AgentClient
+    from ..errors import SpecError
+
+    def split(arg: str) -> tuple[str | None, str]:
+        head, sep, tail = arg.partition(":")
+        if sep and head and "/" not in head:
+            return head, tail
+        return None, arg
+
+    with errors_reported():
+        (svm, spath), (dvm, dpath) = split(src), split(dst)
+        if bool(svm) == bool(dvm):
+            raise SpecError("exactly one of SRC and DST must be VM:/path", field="cp",
+                            hint="e.g. vmforge cp ./file vm1:/tmp/file")
+        vm = svm or dvm
+        assert vm is not None
+        sock = _agent_socket(vm)
+        t0 = time.monotonic()
+
+        async def go() -> int:
+            async with AgentClient(sock) as c:
+                if dvm:
+                    return await c.put_tree(spath, dpath)
+                return await c.get_tree(spath, dpath)
+        n = asyncio.run(go())
+        err.print(f"copied {n} file(s) in {time.monotonic() - t0:.2f}s")
+
+
+@app.command()
+def health(name: str, json_out: JsonOpt = False) -> None:
+    """The guest's health: agent, load, memory, disk, cloud-init and the spec's checks."""
+    import asyncio
+
+    from ..agent.client import AgentClient
+
+    with errors_reported():
+        rec = manager().get(name)
+        sock = _agent_socket(name)
+        checks = [c.model_dump(exclude_none=True) for c in rec.request.spec.health_checks]
+
+        async def go() -> dict[str, Any]:
+            async with AgentClient(sock) as c:
+                return await c.health(checks)
+        h = asyncio.run(go())
+        if json_out:
+            print_json(h)
+        else:
+            from rich.table import Table
+            t = Table(box=None, show_header=False)
+            mem = h["memory"]
+            t.add_row("agent", h["agent"])
+            t.add_row("uptime", f"{h['uptime']:.1f}s")
+            t.add_row("load", " ".join(f"{x:.2f}" for x in h["load"]))
+            t.add_row("memory", f"{human_size(mem.get('MemAvailable'))} available of "
+                      f"{human_size(mem.get('MemTotal'))}")
+            t.add_row("disk /", f"{human_size(h['disk']['free'])} free of "
+                      f"{human_size(h['disk']['total'])}")
+            t.add_row("cloud-init", h["cloud_init"]["status"])
+            for c in h["checks"]:
+                t.add_row(f"check {c['name']}", ("[green]ok[/] " if c["ok"] else "[red]FAIL[/] ")
+                          + c["detail"])
+            out.print(t)
+        if not h["healthy"]:
+            raise typer.Exit(1)
+
+
+# ---------------------------------------------------------------------------- seed, doctor
+
+@seed_app.command("build")
+def seed_build(
+    output: Annotated[Path, typer.Argument(help="Output file.")],
+    user_data: Annotated[Path, typer.Option("--user-data", help="user-data file.")],
+    meta_data: Annotated[Path | None, typer.Option("--meta-data")] = None,
+    network_config: Annotated[Path | None, typer.Option("--network-config")] = None,
+    vendor_data: Annotated[Path | None, typer.Option("--vendor-data")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="iso or vfat.")] = "iso",
+    hostname: Annotated[str, typer.Option(help="Default instance-id/local-hostname.")]
+    = "vmforge",
+) -> None:
+    """Build a NoCloud seed (like cloud-localds), validated first."""
+    from ..errors import SpecError
+    from ..seed import Seed, write_seed
+    from ..seed.build import _meta_data
+    from ..seed.validate import validate_network_config, validate_user_data
+
+    def read(p: Path | None, field: str) -> bytes | None:
+        if p is None:
+            return None
+        try:
+            return p.read_bytes()
+        except OSError as exc:
+            raise SpecError(f"cannot read {p}: {exc.strerror}", field=field) from None
+
+    with errors_reported():
+        ud = read(user_data, "--user-data")
+        assert ud is not None
+        validate_user_data(ud, "--user-data")
+        md = read(meta_data, "--meta-data")
+        nc = read(network_config, "--network-config")
+        if nc is not None:
+            validate_network_config(nc.decode(), "--network-config")
+        vd = read(vendor_data, "--vendor-data")
+        if vd is not None:
+            validate_user_data(vd, "--vendor-data")
+        seed = Seed(_meta_data(md.decode() if md else None, hostname), ud, nc, vd)
+        write_seed(seed, output, fmt)
+        out.print(f"wrote {output} ({fmt}, label cidata)")
+
+
+@app.command()
+def doctor(json_out: JsonOpt = False) -> None:
+    """Check the host: QEMU, KVM (really booting), OVMF, busybox, tools, free disk."""
+    from .doctor import run_doctor
+    with errors_reported():
+        checks = run_doctor(manager())
+        if json_out:
+            print_json(checks)
+        else:
+            from rich.table import Table
+            t = Table(box=None, header_style="bold")
+            for col in ("CHECK", "STATUS", "DETAIL", "FIX"):
+                t.add_column(col)
+            for c in checks:
+                mark = {"ok": "[green]ok[/]", "warn": "[yellow]warn[/]"}.get(c["status"],
+                                                                           "[red]missing[/]")
+                t.add_row(c["name"], mark, c["detail"], c.get("fix") or "")
+            out.print(t)
+        if any(c["status"] == "missing" and c.get("required") for c in checks):
+            raise typer.Exit(3)
+
+
+def _register_images() -> None:
+    from .images import image_app
+    app.add_typer(image_app, name="image")
+
+
+_register_images()
+
+
+def main() -> None:
+    try:
+        app()
+    except Exception as exc:  # noqa: BLE001
+        from ..errors import VmforgeError
+        if isinstance(exc, VmforgeError):
+            fail(exc)
+        raise

@@ -1,0 +1,1 @@
+"""The VM manager: lifecycle state machine, state store and provisioning."""

@@ -1,0 +1,160 @@
+"""From a validated VmRequest to artifacts on disk (overlays, seed, UEFI vars) and a LaunchPlan.
+
+``check_inputs`` runs before anything is created, so bad input leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SpecError
+from ..hypervisors.host import HostFacts
+from ..hypervisors.plan import CdromPlan, DiskPlan, KernelPlan, LaunchPlan
+from ..images import qcow2
+from ..images.library import Image, Library
+from ..paths import VmPaths
+from ..spec import BootDevice, Firmware, VmRequest
+
+__all__ = ["Inputs", "check_inputs", "prepare_artifacts", "launch_plan"]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """What a spec refers to, resolved: library images per disk id, and the kernel image."""
+    disk_images: dict[str, Image]
+    kernel_image: Image | None
+
+    @property
+    def images(self) -> list[Image]:
+        out = list(self.disk_images.values())
+        if self.kernel_image:
+            out.append(self.kernel_image)
+        return out
+
+    @property
+    def agent_baked_in(self) -> bool:
+        return any(bool((i.recipe or {}).get("agent")) for i in self.images)
+
+
+def _must_exist(path: str | None, field: str, what: str) -> None:
+    if path and not Path(path).is_file():
+        raise SpecError(f"{what} not found: {path}", field=field,
+                        hint="give an existing file (relative paths are relative to the spec)")
+
+
+def check_inputs(req: VmRequest, library: Library, host: HostFacts | None = None) -> Inputs:
+    spec = req.spec
+    disk_images: dict[str, Image] = {}
+    for i, d in enumerate(spec.disks):
+        _must_exist(d.backing_file, f"spec.disks[{i}].backing_file", "backing file")
+        if d.image:
+            img = library.find(d.image)
+            if img is None or img.path("disk") is None:
+                raise SpecError(f"no disk image {d.image!r} in the library",
+                                field=f"spec.disks[{i}].image",
+                                hint="see `vmforge image ls`")
+            disk_images[d.id] = img
+    for i, c in enumerate(spec.cdroms):
+        _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
+    kernel_image = None
+    if spec.kernel:
+        if spec.kernel.image:
+            kernel_image = library.find(spec.kernel.image)
+            if kernel_image is None or kernel_image.path("kernel") is None:
+                raise SpecError(f"no image {spec.kernel.image!r} with a kernel in the library",
+                                field="spec.kernel.image",
+                                hint="build one: `vmforge image build minimal`")
+        else:
+            _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
+            _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
+    if spec.firmware is Firmware.UEFI and host is not None and not host.ovmf_code:
+        raise SpecError("UEFI needs OVMF, which is not installed", field="spec.firmware",
+                        hint="apt-get install ovmf")
+    return Inputs(disk_images, kernel_image)
+
+
+def needs_seed(req: VmRequest, inputs: Inputs) -> bool:
+    return req.spec.cloud_init is not None or bool(
+        req.spec.boot_disk and (req.spec.boot_disk.backing_file or req.spec.boot_disk.image))
+
+
+def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
+                      agent_source: bytes | None, ssh_key: str | None) -> None:
+    """Write overlays, blank disks, the seed and the UEFI vars copy into ``paths.dir``."""
+    from ..seed import build_seed, inject_agent, write_iso
+
+    spec = req.spec
+    for d in spec.disks:
+        size = int(d.size_gib * qcow2.GIB) if d.size_gib else None
+        target = paths.disk(d.id)
+        if d.backing_file or d.id in inputs.disk_images:
+            img = inputs.disk_images.get(d.id)
+            backing = str(img.path("disk")) if img else str(d.backing_file)
+            fmt = img.format if img else None
+            qcow2.create_overlay(backing, target, size, backing_format=fmt)
+        else:
+            assert size is not None
+            qcow2.create_blank(target, size, d.format.value)
+    if needs_seed(req, inputs):
+        seed = build_seed(req.name, spec.cloud_init, default_if_empty=True, ssh_key=ssh_key)
+        if spec.agent.enabled and spec.agent.inject and agent_source and \
+                not inputs.agent_baked_in:
+            seed = inject_agent(seed, agent_source)
+        write_iso(seed, paths.seed)
+    if spec.firmware is Firmware.UEFI:
+        assert host.ovmf_vars
+        shutil.copyfile(host.ovmf_vars, paths.uefi_vars)
+
+
+def _boot_indexes(req: VmRequest) -> tuple[dict[str, int], int | None]:
+    spec = req.spec
+    order = list(spec.boot_order) or [BootDevice.DISK, BootDevice.CDROM]
+    idx: dict[str, int] = {}
+    n = 1
+    net_index = None
+    for dev in order:
+        if dev is BootDevice.DISK and spec.boot_disk and not spec.kernel:
+            idx[spec.boot_disk.id] = n
+            n += 1
+        elif dev is BootDevice.CDROM:
+            for c in spec.cdroms:
+                if c.bootable:
+                    idx[c.id] = n
+                    n += 1
+        elif dev is BootDevice.NETWORK:
+            net_index = n
+            n += 1
+    return idx, net_index
+
+
+def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts) -> LaunchPlan:
+    spec = req.spec
+    idx, _net = _boot_indexes(req)
+    disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
+                           else d.format.value, idx.get(d.id)) for d in spec.disks)
+    cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
+    kernel = None
+    if spec.kernel:
+        k = spec.kernel
+        if inputs.kernel_image:
+            img = inputs.kernel_image
+            role = spec.firmware.kernel_role()
+            kpath = img.path(role) or img.path("kernel")
+            assert kpath is not None
+            initrd = img.path("initrd")
+            cmdline = k.cmdline if k.cmdline is not None else (img.cmdline or "")
+            kernel = KernelPlan(str(kpath), str(initrd) if initrd else None,
+                                f"{cmdline} vmforge.id={req.name}".strip())
+        else:
+            assert k.kernel
+            kernel = KernelPlan(k.kernel, k.initrd, f"{k.cmdline or ''} vmforge.id={req.name}")
+    agent = str(paths.agent) if spec.agent.enabled else None
+    return LaunchPlan(
+        name=req.name, cpu_cores=spec.cpu_cores, memory_mib=spec.memory_mib,
+        machine=spec.machine, firmware=spec.firmware, console_log=str(paths.console),
+        qmp_socket=str(paths.qmp), agent_socket=agent, pidfile=str(paths.pidfile),
+        disks=disks, cdroms=cdroms, seed=str(paths.seed) if paths.seed.exists() else None,
+        nics=spec.nics, kernel=kernel,
+        uefi_vars=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None)
