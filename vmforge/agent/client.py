@@ -171,6 +171,8 @@ class AgentClient:
         assert self._writer is not None
         mid = next(self._ids)
         pending = _Call(asyncio.get_running_loop().create_future(), on_stream)
+        # Abandoned calls (timeouts, a hello race) must not log "exception never retrieved".
+        pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[mid] = pending
         self._writer.write(encode({"id": mid, "call": call, "args": args}))
         await self._writer.drain()
@@ -186,7 +188,11 @@ class AgentClient:
             raise AgentTimeout(f"agent call {name} got no answer in {timeout}s") from None
 
     async def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Readiness is the guest's hello; a ping answers for an agent that greeted before."""
+        """Readiness: the guest's pushed hello, or its answer to a ``hello`` call.
+
+        The call is sent right after connecting; QEMU holds it until the agent opens its
+        port, so a booting guest answers with the push and a running one with the reply.
+        """
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -195,14 +201,18 @@ class AgentClient:
             try:
                 if not self.connected:
                     await self.connect(timeout=left)
-                await asyncio.wait_for(self._hello.wait(), min(left, 2.0))
-                return self.hello or {}
-            except asyncio.TimeoutError:
-                try:
-                    await self.call("ping", timeout=min(max(left, 0.1), 1.0))
-                    return self.hello or {"via": "ping"}
-                except (AgentTimeout, AgentError):
-                    continue
+                _mid, pending = await self._send("hello", {}, None)
+                pushed = asyncio.ensure_future(self._hello.wait())
+                done, _ = await asyncio.wait({pushed, pending.future}, timeout=left,
+                                             return_when=asyncio.FIRST_COMPLETED)
+                pushed.cancel()
+                if pending.future in done and pending.future.exception() is None:
+                    self.hello = dict(pending.future.result())
+                    return self.hello
+                if self._hello.is_set():
+                    return self.hello or {}
+                if pending.future.done():  # connection dropped (guest rebooting): retry
+                    await asyncio.sleep(0.1)
             except AgentError:
                 await asyncio.sleep(0.1)
 

@@ -184,11 +184,13 @@ class Agent:
             except OSError:
                 pass  # host went away: the next hello resynchronises
 
+    def hello_data(self) -> Dict[str, Any]:
+        return {"vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
+                "uptime_at_start": self.started_uptime, "uptime": uptime(),
+                "python": sys.version.split()[0], "cloud_init": cloud_init_state()}
+
     def hello(self) -> None:
-        self.send({"event": "hello", "data": {
-            "vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
-            "uptime_at_start": self.started_uptime, "uptime": uptime(),
-            "python": sys.version.split()[0], "cloud_init": cloud_init_state()}})
+        self.send({"event": "hello", "data": self.hello_data()})
 
     def disconnected(self) -> None:
         for up in list(self.uploads.values()):
@@ -209,7 +211,7 @@ class Agent:
             self.send({"id": mid, "error": {"kind": "unknown_call",
                                             "message": "unknown call %r" % (call,)}})
             return
-        inline = call in ("ping", "put_chunk", "put_begin")  # ordered and cheap
+        inline = call in ("ping", "hello", "put_chunk", "put_begin")  # ordered and cheap
         if inline:
             self._run(fn, mid, args)
         else:
@@ -226,6 +228,11 @@ class Agent:
             self.send({"id": mid, "result": result})
 
     # -- calls
+    def call_hello(self, mid: Any) -> Dict[str, Any]:
+        # A pushed hello can be lost when the host reconnects while a reply was in flight;
+        # asking is the fallback (the host sends this right after connecting).
+        return self.hello_data()
+
     def call_ping(self, mid: Any) -> Dict[str, Any]:
         return {"pong": True, "uptime": uptime()}
 

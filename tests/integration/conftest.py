@@ -1,0 +1,88 @@
+"""Fixtures for tests that boot real QEMU guests (under TCG on machines without working KVM).
+
+The minimal image is built once per session (the build cache makes later sessions instant);
+every VM a test starts is killed by PID and deleted at teardown, even when the test fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from vmforge.agent.client import AgentClient
+from vmforge.build.minimal import build_minimal
+from vmforge.node.manager import VmManager
+from vmforge.paths import DataDir
+from vmforge.spec import VmRequest, parse_request
+
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="session")
+def vm_data(tmp_path_factory: pytest.TempPathFactory) -> DataDir:
+    data = DataDir(tmp_path_factory.mktemp("vmdata")).ensure()
+    m = VmManager(data)
+    art = build_minimal(data.cache)
+    m.library.add("minimal", {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
+                              "initrd": art.initrd}, kind="kernel", cmdline=art.cmdline,
+                  source="build:minimal", recipe={**art.recipe(), "agent": True})
+    m.close()
+    return data
+
+
+class VmHelper:
+    def __init__(self, data: DataDir) -> None:
+        self.manager = VmManager(data)
+        self.names: list[str] = []
+
+    def request(self, name: str, **spec: Any) -> VmRequest:
+        spec.setdefault("kernel", {"image": "minimal"})
+        spec.setdefault("memory_mib", 256)
+        return parse_request({"name": name, "spec": spec})
+
+    def run(self, name: str, **spec: Any) -> Any:
+        self.names.append(name)
+        return self.manager.run(self.request(name, **spec), timeout=240)
+
+    def agent(self, name: str) -> AgentClient:
+        return AgentClient(self.manager.get(name).paths.agent)
+
+    def call(self, name: str, fn: Callable[[AgentClient], Awaitable[T]]) -> T:
+        async def go() -> T:
+            async with self.agent(name) as c:
+                return await fn(c)
+        return asyncio.run(go())
+
+    def cleanup(self) -> None:
+        for name in self.names:
+            try:
+                rec = self.manager.get(name, reconcile=False)
+            except Exception:  # noqa: BLE001 - already deleted by the test
+                continue
+            if rec.pid:
+                try:
+                    os.kill(rec.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            self.manager.delete(name, force=True)
+        self.manager.close()
+
+
+@pytest.fixture
+def vms(vm_data: DataDir) -> Iterator[VmHelper]:
+    helper = VmHelper(vm_data)
+    try:
+        yield helper
+    finally:
+        helper.cleanup()
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]

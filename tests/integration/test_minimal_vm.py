@@ -1,0 +1,94 @@
+"""The minimal image boots for real under QEMU; lifecycle, crash detection, UEFI, cdroms."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from vmforge.errors import InvalidState
+from vmforge.hypervisors.qemu_proc import pid_alive
+from vmforge.seed import Seed, write_iso
+
+from .conftest import VmHelper
+
+pytestmark = [pytest.mark.vm, pytest.mark.subprocess]
+
+
+def test_run_boots_to_agent_ready(vms: VmHelper) -> None:
+    rec = vms.run("boot1")
+    assert rec.state == "running" and rec.pid and rec.boot_seconds and rec.boot_seconds > 0
+    hello = vms.call("boot1", lambda c: c.wait_ready(30))
+    assert hello["vm_id"] == "boot1"
+    res = vms.call("boot1", lambda c: c.exec(["uname", "-r"]))
+    assert res.exit_code == 0 and res.stdout.decode().strip() == hello["kernel"]
+    assert (rec.paths.console.read_text().count("vmforge: ready")) == 1
+
+
+def test_stop_start_delete(vms: VmHelper) -> None:
+    rec = vms.run("cycle")
+    pid = rec.pid
+    assert vms.manager.stop("cycle", timeout=30) == "agent"
+    rec = vms.manager.get("cycle")
+    assert rec.state == "stopped" and rec.pid is None
+    assert not pid_alive(pid)
+    with pytest.raises(InvalidState):
+        vms.manager.stop("cycle")
+    vms.manager.start("cycle")
+    rec = vms.manager.wait_ready("cycle", 240)
+    assert rec.state == "running" and rec.pid != pid
+    with pytest.raises(InvalidState, match="rm -f"):
+        vms.manager.delete("cycle")
+    vms.manager.delete("cycle", force=True)
+    assert not rec.dir.exists()
+    assert [r.name for r in vms.manager.list()] == []
+
+
+def test_kill_9_of_qemu_shows_crashed(vms: VmHelper) -> None:
+    rec = vms.run("victim")
+    assert rec.pid
+    os.kill(rec.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(rec.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = vms.manager.get("victim")
+    assert after.state == "crashed"
+    assert after.last_error and "unexpectedly" in after.last_error
+    vms.manager.start("victim")  # a crashed VM can be started again
+    assert vms.manager.wait_ready("victim", 240).state == "running"
+
+
+def test_acpi_powerdown_without_agent(vms: VmHelper) -> None:
+    """No agent: readiness from the serial marker, stop through the ACPI power button."""
+    rec = vms.run("acpi", agent={"enabled": False})
+    assert rec.boot_seconds
+    assert vms.manager.stop("acpi", timeout=60) == "powerdown"
+
+
+def test_uefi_boot_of_minimal_image(vms: VmHelper) -> None:
+    rec = vms.run("uefi", firmware="FIRMWARE_UEFI")
+    assert (rec.dir / "OVMF_VARS.fd").exists()
+    res = vms.call("uefi", lambda c: c.exec(["ls", "/sys/firmware/efi"]))
+    assert res.exit_code == 0, "guest did not boot through UEFI"
+
+
+def test_cdrom_is_visible_in_guest(vms: VmHelper, tmp_path: object) -> None:
+    from pathlib import Path
+    iso = Path(str(tmp_path)) / "driver.iso"
+    payload = b"#cloud-config\nhostname: from-the-iso\n"
+    write_iso(Seed(b"instance-id: x\n", payload), iso)
+    vms.run("cd", cdroms=[{"id": "drivers", "iso_path": str(iso)}])
+    res = vms.call("cd", lambda c: c.exec(
+        ["sh", "-c", "mkdir -p /mnt/cd && mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
+                     "cat /mnt/cd/user-data"]))
+    assert res.exit_code == 0, res.stderr
+    assert res.stdout == payload
+
+
+def test_two_vms_from_one_spec(vms: VmHelper) -> None:
+    a, b = vms.run("twin-a"), vms.run("twin-b")
+    assert a.pid != b.pid
+    names = {r.name: r.state for r in vms.manager.list()}
+    assert names == {"twin-a": "running", "twin-b": "running"}

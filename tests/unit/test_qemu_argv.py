@@ -1,0 +1,99 @@
+from __future__ import annotations
+
+import pytest
+
+from vmforge.errors import HostError
+from vmforge.hypervisors.host import HostFacts
+from vmforge.hypervisors.plan import LaunchPlan
+from vmforge.hypervisors.qemu import qemu_argv
+from vmforge.images.library import Image
+from vmforge.node.plan import Inputs, launch_plan
+from vmforge.paths import VmPaths
+from vmforge.spec import Machine, parse_request
+
+from ..golden import check_golden
+
+HOST = HostFacts(qemu_binary="qemu-system-x86_64", accel="tcg", tsc_khz=2600000,
+                 ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
+                 ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd")
+MINIMAL = Image(id=1, name="minimal", version=1, kind="kernel", format=None,
+                files={"kernel": "k", "vmlinux": "v", "initrd": "i"}, cmdline="console=ttyS0",
+                parent_id=None, source=None, recipe={"agent": True}, size=0, virtual_size=None,
+                created_at=0, paths={"kernel": "/lib/blobs/k", "vmlinux": "/lib/blobs/v",  # type: ignore[dict-item]
+                                     "initrd": "/lib/blobs/i"})
+PATHS = VmPaths(__import__("pathlib").Path("/data/vms/vm1"))
+
+
+def plan_for(spec: dict[str, object], kernel_image: Image | None = None) -> LaunchPlan:
+    req = parse_request({"name": "vm1", "spec": spec})
+    return launch_plan(req, Inputs({}, kernel_image), PATHS, HOST)
+
+
+def golden_argv(name: str, plan: LaunchPlan, host: HostFacts = HOST) -> list[str]:
+    argv = qemu_argv(plan, host)
+    check_golden(name, "\n".join(argv) + "\n")
+    return argv
+
+
+def test_minimal_bios_pvh() -> None:
+    argv = golden_argv("argv-minimal.txt", plan_for({"kernel": {"image": "minimal"}}, MINIMAL))
+    assert argv[argv.index("-kernel") + 1] == "/lib/blobs/v"  # PVH vmlinux
+    assert "console=ttyS0 vmforge.id=vm1" in argv
+    assert "-daemonize" in argv
+
+
+def test_minimal_uefi_uses_efi_stub_kernel_and_vars_copy() -> None:
+    argv = golden_argv("argv-minimal-uefi.txt",
+                       plan_for({"firmware": "FIRMWARE_UEFI", "kernel": {"image": "minimal"}},
+                                MINIMAL))
+    assert argv[argv.index("-kernel") + 1] == "/lib/blobs/k"
+    assert "if=pflash,format=raw,unit=1,file=/data/vms/vm1/OVMF_VARS.fd" in argv
+
+
+def test_installer_with_cdroms_and_boot_order() -> None:
+    argv = golden_argv("argv-installer.txt", plan_for({
+        "firmware": "FIRMWARE_UEFI", "boot_order": ["BOOT_DEVICE_CDROM", "BOOT_DEVICE_DISK"],
+        "disks": [{"id": "root", "size_gib": 20, "bootable": True}],
+        "cdroms": [{"id": "installer", "iso_path": "/isos/inst.iso", "bootable": True},
+                   {"id": "drivers", "iso_path": "/isos/drv.iso"}]}))
+    joined = " ".join(argv)
+    assert "ide-cd,drive=installer,bus=ide.0,bootindex=1" in joined
+    assert "drive=root,serial=root,bootindex=2" in joined
+    assert "ide-cd,drive=drivers,bus=ide.1 " in joined + " "  # present, not bootable
+
+
+def test_cloud_disk_with_forwards_and_mac() -> None:
+    argv = golden_argv("argv-cloud.txt", plan_for({
+        "cpu_cores": 2, "memory_mib": 1024,
+        "disks": [{"id": "boot", "size_gib": 10, "bootable": True,
+                   "backing_file": "/img/debian.qcow2"}],
+        "nics": [{"id": "net0", "mac": "52:54:00:12:34:56",
+                  "forwards": [{"host_port": 2222, "guest_port": 22}]}]}))
+    assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv
+    assert "virtio-net-pci,netdev=net0,mac=52:54:00:12:34:56" in argv
+
+
+def test_microvm_uses_mmio_and_tsc_hint() -> None:
+    argv = golden_argv("argv-microvm.txt", plan_for({"machine": "microvm",
+                                                     "kernel": {"image": "minimal"}}, MINIMAL))
+    assert any(a.startswith("microvm,x-option-roms=off") for a in argv)
+    assert any(a.startswith("virtio-serial-device") for a in argv)
+    assert any("tsc_early_khz=2600000" in a for a in argv)
+
+
+def test_kvm_host_uses_host_cpu() -> None:
+    kvm = HostFacts(qemu_binary="qemu-system-x86_64", accel="kvm")
+    argv = qemu_argv(plan_for({}), kvm)
+    assert argv[argv.index("-machine") + 1] == "q35,accel=kvm"
+    assert argv[argv.index("-cpu") + 1] == "host"
+
+
+def test_uefi_without_ovmf_is_a_host_error() -> None:
+    no_ovmf = HostFacts(ovmf_code=None, ovmf_vars=None)
+    with pytest.raises(HostError, match="ovmf"):
+        qemu_argv(plan_for({"firmware": "uefi", "kernel": {"image": "minimal"}}, MINIMAL),
+                  no_ovmf)
+
+
+def test_machine_enum_values() -> None:
+    assert {m.value for m in Machine} == {"q35", "pc", "microvm"}

@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import email
+import gzip
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vmforge.errors import SeedError
+from vmforge.seed import build_seed, default_user_data, inject_agent
+from vmforge.seed.validate import validate_network_config, validate_user_data
+from vmforge.spec import CloudInit
+
+from ..golden import check_golden
+
+
+def test_meta_data_defaults_from_name() -> None:
+    seed = build_seed("web-01", CloudInit(user_data="#cloud-config\nhostname: x\n"))
+    assert yaml.safe_load(seed.meta_data) == {"instance-id": "web-01", "local-hostname": "web-01"}
+    assert seed.user_data == b"#cloud-config\nhostname: x\n"
+    assert [n for n, _ in seed.files()] == ["meta-data", "user-data"]
+
+
+def test_meta_data_given_is_kept() -> None:
+    seed = build_seed("web-01", CloudInit(meta_data="instance-id: i-1\n"))
+    assert yaml.safe_load(seed.meta_data) == {"instance-id": "i-1", "local-hostname": "web-01"}
+
+
+def test_optional_files_present_when_given() -> None:
+    seed = build_seed("a", CloudInit(network_config="version: 2\nethernets: {}\n",
+                                     vendor_data="#cloud-config\n{}\n"))
+    assert [n for n, _ in seed.files()] == ["meta-data", "user-data", "network-config",
+                                            "vendor-data"]
+
+
+def test_default_user_data_golden() -> None:
+    data = default_user_data("web-01", "ssh-ed25519 AAAAC3Nza test@host", user="alice")
+    check_golden("seed-default-user-data.yaml", data.decode())
+    doc = yaml.safe_load(data)
+    assert doc["users"][1]["ssh_authorized_keys"] == ["ssh-ed25519 AAAAC3Nza test@host"]
+
+
+def test_seed_files_golden() -> None:
+    seed = build_seed("vm1", CloudInit(
+        user_data="#cloud-config\nhostname: vm1\nruncmd:\n  - [touch, /marker]\n",
+        network_config="version: 2\nethernets:\n  eth0:\n    match: {macaddress: "
+                       "'52:54:00:12:34:56'}\n    set-name: eth0\n    dhcp4: true\n"))
+    check_golden("seed-files.txt", "".join(f"== {n}\n{d.decode()}" for n, d in seed.files()))
+
+
+@pytest.mark.parametrize("text,where", [
+    ("#cloud-config\nhostname: [a\n", "line 3, column 1"),
+    ("#cloud-config\nusers:\n  - name: a\n   bad: 1\n", "line 4"),
+])
+def test_user_data_yaml_error_has_line_and_column(text: str, where: str) -> None:
+    with pytest.raises(SeedError) as exc:
+        validate_user_data(text.encode(), "spec.cloud_init.user_data")
+    assert where in str(exc.value)
+    assert exc.value.field == "spec.cloud_init.user_data"
+
+
+def test_user_data_must_be_a_mapping() -> None:
+    with pytest.raises(SeedError, match="mapping"):
+        validate_user_data(b"#cloud-config\n- a\n- b\n")
+
+
+def test_user_data_kinds() -> None:
+    assert validate_user_data(b"#cloud-config\nhostname: a\n") == "cloud-config"
+    assert validate_user_data(b"#!/bin/sh\necho hi\n") == "script"
+    assert validate_user_data(gzip.compress(b"#cloud-config\na: 1\n")) == "gzip"
+    assert validate_user_data(b"") == "empty"
+    mime = inject_agent(build_seed("a", None), b"print(1)\n").user_data
+    assert validate_user_data(mime) == "mime"
+
+
+def test_user_data_gzip_of_bad_yaml_is_caught() -> None:
+    with pytest.raises(SeedError, match="line"):
+        validate_user_data(gzip.compress(b"#cloud-config\na: [\n"))
+
+
+def test_unknown_user_data_is_rejected_with_hint() -> None:
+    with pytest.raises(SeedError) as exc:
+        validate_user_data(b"hostname: a\n")
+    assert "#cloud-config" in (exc.value.hint or "")
+
+
+@pytest.mark.parametrize("text,ok", [
+    ("version: 2\nethernets:\n  eth0: {dhcp4: true}\n", 2),
+    ("network:\n  version: 2\n  ethernets: {}\n", 2),
+    ("version: 1\nconfig:\n  - type: physical\n    name: eth0\n", 1),
+])
+def test_network_config_versions(text: str, ok: int) -> None:
+    assert validate_network_config(text) == ok
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("version: 3\n", "version must be 1 or 2"),
+    ("version: 2\nethernet: {}\n", "unknown v2 keys"),
+    ("version: 2\nethernets: [eth0]\n", "must be a mapping"),
+    ("version: 1\nconfig: {}\n", "config"),
+])
+def test_network_config_errors(text: str, msg: str) -> None:
+    with pytest.raises(SeedError, match=msg):
+        validate_network_config(text)
+
+
+def test_agent_injection_keeps_user_config_and_appends() -> None:
+    user = "#cloud-config\nhostname: keep-me\nwrite_files:\n  - path: /etc/mine\n    content: x\n"
+    seed = inject_agent(build_seed("a", CloudInit(user_data=user)), b"AGENT SOURCE\n")
+    msg = email.message_from_bytes(seed.user_data)
+    parts = [p for p in msg.walk() if not p.is_multipart()]
+    assert len(parts) == 2
+    first = parts[0].get_payload(decode=True)
+    assert isinstance(first, bytes) and first.decode() == user  # byte for byte
+    agent_doc = yaml.safe_load(parts[1].get_payload(decode=True))  # type: ignore[arg-type]
+    assert {"name": "list", "settings": ["append"]} in agent_doc["merge_how"]
+    assert agent_doc["write_files"][0]["path"] == "/usr/local/lib/vmforge/agent.py"
+
+
+def test_agent_source_is_the_real_guest_file() -> None:
+    import vmforge.agent.guest as g
+    src = Path(g.__file__).read_text()
+    assert "def main()" in src and "import vmforge" not in src
