@@ -299,7 +299,7 @@ def spec_error_from(exc: ValidationError, source: str = "") -> SpecError:
         first_field = first_field or field
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; see `vmforge spec --help`)"
+            msg = "unknown field (check the spelling)"
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "enum":
@@ -310,9 +310,9 @@ def spec_error_from(exc: ValidationError, source: str = "") -> SpecError:
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{field}: {msg}")
     where = f"{source}: " if source else ""
-    err = SpecError(where + "; ".join(lines), hint="fix the field(s) named above")
-    err.field = first_field
-    return err
+    error = SpecError(where + "; ".join(lines), hint="fix the field(s) named above")
+    error.field = first_field
+    return error
 
 
 def parse_request(data: Any, source: str = "") -> VmRequest:

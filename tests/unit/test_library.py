@@ -46,7 +46,7 @@ def test_checksum_mismatch_leaves_nothing(lib: Library, tmp_path: Path) -> None:
         lib.store_file(blob(tmp_path, "a", b"data"), expected_sha256="0" * 64)
     assert not any(lib.blobs.iterdir())
     assert not any(lib.tmp.iterdir())
-    assert lib.list() == []
+    assert lib.all() == []
 
 
 def test_rm_refused_while_child_image_uses_it(lib: Library, tmp_path: Path) -> None:
@@ -58,7 +58,7 @@ def test_rm_refused_while_child_image_uses_it(lib: Library, tmp_path: Path) -> N
     assert lib.lineage(lib.resolve("golden")) == ["base:1"]
     lib.remove("golden")
     lib.remove("base")
-    assert lib.list() == [] and not any(lib.blobs.iterdir())
+    assert lib.all() == [] and not any(lib.blobs.iterdir())
 
 
 def test_unknown_image_hint_lists_names(lib: Library, tmp_path: Path) -> None:

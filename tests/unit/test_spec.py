@@ -49,7 +49,8 @@ def test_short_enum_spellings() -> None:
 
 def test_models_are_frozen() -> None:
     req = parse_request({"name": "a"})
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+    with pytest.raises(ValidationError, match="frozen"):
         req.spec.cpu_cores = 3  # type: ignore[misc]
 
 

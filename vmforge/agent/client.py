@@ -183,7 +183,7 @@ class AgentClient:
         mid, pending = await self._send(name, args or {}, on_stream)
         try:
             return await asyncio.wait_for(pending.future, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(mid, None)
             raise AgentTimeout(f"agent call {name} got no answer in {timeout}s") from None
 
@@ -235,7 +235,7 @@ class AgentClient:
         wait = None if timeout is None else timeout + 30
         try:
             res = await asyncio.wait_for(pending.future, wait)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._pending.pop(mid, None)
             raise AgentTimeout(f"exec {argv[0]} got no answer") from None
         out = b"".join(d for s, d in pending.chunks if s == "stdout")

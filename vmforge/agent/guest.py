@@ -24,7 +24,8 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 VERSION = "0.1.0"
 PORT_NAME = "org.vmforge.agent.0"
@@ -39,7 +40,7 @@ class FramingError(ValueError):
     """Malformed bytes on the agent channel."""
 
 
-def encode(message: Dict[str, Any]) -> bytes:
+def encode(message: dict[str, Any]) -> bytes:
     return RS + json.dumps(message, separators=(",", ":")).encode() + LF
 
 
@@ -51,9 +52,9 @@ class Decoder:
         self.max_record = max_record
         self.skipped = 0
 
-    def feed(self, data: bytes) -> List[Dict[str, Any]]:
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
         self.buf += data
-        out: List[Dict[str, Any]] = []
+        out: list[dict[str, Any]] = []
         while True:
             start = self.buf.find(RS)
             if start < 0:
@@ -105,7 +106,7 @@ def read_text(path: str, default: str = "") -> str:
         return default
 
 
-def cloud_init_state() -> Dict[str, Any]:
+def cloud_init_state() -> dict[str, Any]:
     if not (os.path.exists("/usr/bin/cloud-init") or os.path.exists("/usr/local/bin/cloud-init")):
         return {"status": "not-installed", "errors": []}
     if os.path.exists("/run/cloud-init/disabled"):
@@ -144,7 +145,7 @@ def uptime() -> float:
         return 0.0
 
 
-def meminfo() -> Dict[str, int]:
+def meminfo() -> dict[str, int]:
     out = {}
     for line in read_text("/proc/meminfo").splitlines():
         key, _, rest = line.partition(":")
@@ -160,7 +161,7 @@ def http_status(url: str, timeout: float) -> int:
     hostport, _, path = url[len("http://"):].partition("/")
     host, _, port = hostport.partition(":")
     with socket.create_connection((host or "127.0.0.1", int(port or 80)), timeout=timeout) as s:
-        s.sendall(("GET /%s HTTP/1.0\r\nHost: %s\r\n\r\n" % (path, hostport)).encode())
+        s.sendall((f"GET /{path} HTTP/1.0\r\nHost: {hostport}\r\n\r\n").encode())
         head = s.recv(1024).split(b"\r\n", 1)[0].split()
     return int(head[1]) if len(head) >= 2 else 0
 
@@ -172,11 +173,11 @@ class Agent:
         self._write_raw = write
         self.lock = threading.Lock()
         self.started_uptime = started
-        self.uploads: Dict[str, Dict[str, Any]] = {}
-        self.procs: Dict[int, subprocess.Popen] = {}  # type: ignore[type-arg]
+        self.uploads: dict[str, dict[str, Any]] = {}
+        self.procs: dict[int, subprocess.Popen] = {}  # type: ignore[type-arg]
 
     # -- output
-    def send(self, message: Dict[str, Any]) -> None:
+    def send(self, message: dict[str, Any]) -> None:
         data = encode(message)
         with self.lock:
             try:
@@ -184,7 +185,7 @@ class Agent:
             except OSError:
                 pass  # host went away: the next hello resynchronises
 
-    def hello_data(self) -> Dict[str, Any]:
+    def hello_data(self) -> dict[str, Any]:
         return {"vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
                 "uptime_at_start": self.started_uptime, "uptime": uptime(),
                 "python": sys.version.split()[0], "cloud_init": cloud_init_state()}
@@ -202,14 +203,14 @@ class Agent:
         self.uploads.clear()
 
     # -- dispatch
-    def handle(self, msg: Dict[str, Any]) -> None:
+    def handle(self, msg: dict[str, Any]) -> None:
         call = msg.get("call")
         mid = msg.get("id")
         args = msg.get("args") or {}
         fn = getattr(self, "call_" + str(call), None)
         if fn is None:
             self.send({"id": mid, "error": {"kind": "unknown_call",
-                                            "message": "unknown call %r" % (call,)}})
+                                            "message": f"unknown call {call!r}"}})
             return
         inline = call in ("ping", "hello", "put_chunk", "put_begin")  # ordered and cheap
         if inline:
@@ -217,7 +218,7 @@ class Agent:
         else:
             threading.Thread(target=self._run, args=(fn, mid, args), daemon=True).start()
 
-    def _run(self, fn: Callable[..., Any], mid: Any, args: Dict[str, Any]) -> None:
+    def _run(self, fn: Callable[..., Any], mid: Any, args: dict[str, Any]) -> None:
         try:
             result = fn(mid, **args)
         except TypeError as exc:
@@ -228,16 +229,16 @@ class Agent:
             self.send({"id": mid, "result": result})
 
     # -- calls
-    def call_hello(self, mid: Any) -> Dict[str, Any]:
+    def call_hello(self, mid: Any) -> dict[str, Any]:
         # A pushed hello can be lost when the host reconnects while a reply was in flight;
         # asking is the fallback (the host sends this right after connecting).
         return self.hello_data()
 
-    def call_ping(self, mid: Any) -> Dict[str, Any]:
+    def call_ping(self, mid: Any) -> dict[str, Any]:
         return {"pong": True, "uptime": uptime()}
 
-    def call_health(self, mid: Any, checks: Optional[List[Dict[str, Any]]] = None
-                    ) -> Dict[str, Any]:
+    def call_health(self, mid: Any, checks: list[dict[str, Any]] | None = None
+                    ) -> dict[str, Any]:
         st = os.statvfs("/")
         results = []
         for chk in checks or []:
@@ -247,30 +248,30 @@ class Agent:
                 "uptime": uptime(), "cloud_init": cloud_init_state(), "checks": results,
                 "healthy": all(r["ok"] for r in results)}
 
-    def _check(self, chk: Dict[str, Any]) -> Dict[str, Any]:
+    def _check(self, chk: dict[str, Any]) -> dict[str, Any]:
         timeout = float(chk.get("timeout_s", 10))
         name = chk.get("name") or chk.get("http_get") or " ".join(chk.get("command") or [])
         try:
             if chk.get("http_get"):
                 code = http_status(chk["http_get"], timeout)
                 want = int(chk.get("expect_status", 200))
-                return {"name": name, "ok": code == want, "detail": "HTTP %d" % code}
+                return {"name": name, "ok": code == want, "detail": f"HTTP {code}"}
             proc = subprocess.run(chk["command"], stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                   timeout=timeout)
             return {"name": name, "ok": proc.returncode == 0,
-                    "detail": "exit %d: %s" % (proc.returncode,
-                                               proc.stdout.decode(errors="replace")[-200:])}
+                    "detail": f"exit {proc.returncode}: "
+                              f"{proc.stdout.decode(errors='replace')[-200:]}"}
         except Exception as exc:
-            return {"name": name, "ok": False, "detail": "%s: %s" % (type(exc).__name__, exc)}
+            return {"name": name, "ok": False, "detail": f"{type(exc).__name__}: {exc}"}
 
-    def call_cloud_init_status(self, mid: Any) -> Dict[str, Any]:
+    def call_cloud_init_status(self, mid: Any) -> dict[str, Any]:
         return cloud_init_state()
 
-    def call_exec(self, mid: Any, argv: List[str], shell: bool = False,
-                  env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None,
-                  stdin: Optional[str] = None, timeout: Optional[float] = None,
-                  stream: bool = True) -> Dict[str, Any]:
+    def call_exec(self, mid: Any, argv: list[str], shell: bool = False,
+                  env: dict[str, str] | None = None, cwd: str | None = None,
+                  stdin: str | None = None, timeout: float | None = None,
+                  stream: bool = True) -> dict[str, Any]:
         if not argv:
             raise ValueError("argv is empty")
         full_env = dict(os.environ)
@@ -283,7 +284,7 @@ class Agent:
                                 stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 start_new_session=True)
-        collected: Dict[str, List[bytes]] = {"stdout": [], "stderr": []}
+        collected: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
 
         def pump(name: str, pipe: Any) -> None:
             while True:
@@ -325,7 +326,7 @@ class Agent:
         for t in pumps:
             t.join(timeout=5)
         rc = proc.returncode
-        result: Dict[str, Any] = {
+        result: dict[str, Any] = {
             "exit_code": rc if rc is not None and rc >= 0 else None,
             "signal": -rc if rc is not None and rc < 0 else None,
             "timed_out": timed_out, "duration": time.monotonic() - started}
@@ -337,24 +338,24 @@ class Agent:
     @staticmethod
     def _abs(path: str) -> str:
         if not isinstance(path, str) or not path.startswith("/"):
-            raise ValueError("path must be absolute: %r" % (path,))
+            raise ValueError(f"path must be absolute: {path!r}")
         return os.path.normpath(path)
 
     def call_put_begin(self, mid: Any, path: str, size: int, sha256: str,
-                       mode: Optional[int] = None, owner: Optional[str] = None,
-                       group: Optional[str] = None, mkdirs: bool = True) -> Dict[str, Any]:
+                       mode: int | None = None, owner: str | None = None,
+                       group: str | None = None, mkdirs: bool = True) -> dict[str, Any]:
         path = self._abs(path)
         parent = os.path.dirname(path)
         if mkdirs:
             os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, ".%s.vmforge-%d" % (os.path.basename(path), os.getpid()))
-        handle = "%s-%s" % (mid, time.monotonic())
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.vmforge-{os.getpid()}")
+        handle = f"{mid}-{time.monotonic()}"
         self.uploads[handle] = {"path": path, "tmp": tmp, "file": open(tmp, "wb"),
                                 "hash": hashlib.sha256(), "size": size, "sha256": sha256,
                                 "mode": mode, "owner": owner, "group": group, "written": 0}
         return {"handle": handle}
 
-    def call_put_chunk(self, mid: Any, handle: str, data: str) -> Dict[str, Any]:
+    def call_put_chunk(self, mid: Any, handle: str, data: str) -> dict[str, Any]:
         up = self.uploads.get(handle)
         if up is None:
             raise ValueError("unknown or expired upload handle")
@@ -364,7 +365,7 @@ class Agent:
         up["written"] += len(raw)
         return {"written": up["written"]}
 
-    def call_put_end(self, mid: Any, handle: str) -> Dict[str, Any]:
+    def call_put_end(self, mid: Any, handle: str) -> dict[str, Any]:
         up = self.uploads.pop(handle, None)
         if up is None:
             raise ValueError("unknown or expired upload handle")
@@ -375,8 +376,8 @@ class Agent:
         digest = up["hash"].hexdigest()
         if digest != up["sha256"] or up["written"] != up["size"]:
             os.unlink(up["tmp"])
-            raise ValueError("checksum mismatch: got %s (%d bytes), expected %s (%d bytes)"
-                             % (digest, up["written"], up["sha256"], up["size"]))
+            raise ValueError(f"checksum mismatch: got {digest} ({up['written']} bytes), "
+                             f"expected {up['sha256']} ({up['size']} bytes)")
         if up["mode"] is not None:
             os.chmod(up["tmp"], int(up["mode"]))
         if up["owner"] or up["group"]:
@@ -388,7 +389,7 @@ class Agent:
         os.replace(up["tmp"], up["path"])
         return {"path": up["path"], "size": up["written"], "sha256": digest}
 
-    def call_get_file(self, mid: Any, path: str) -> Dict[str, Any]:
+    def call_get_file(self, mid: Any, path: str) -> dict[str, Any]:
         path = self._abs(path)
         h = hashlib.sha256()
         size = 0
@@ -404,7 +405,7 @@ class Agent:
                            "data": base64.b64encode(chunk).decode()})
         return {"path": path, "size": size, "sha256": h.hexdigest(), "mode": st.st_mode & 0o7777}
 
-    def call_list_tree(self, mid: Any, path: str) -> Dict[str, Any]:
+    def call_list_tree(self, mid: Any, path: str) -> dict[str, Any]:
         root = self._abs(path)
         if not os.path.isdir(root):
             return {"root": root, "is_dir": False, "entries": []}
@@ -423,7 +424,7 @@ class Agent:
                                 "type": "file", "mode": os.stat(p).st_mode & 0o7777})
         return {"root": root, "is_dir": True, "entries": entries}
 
-    def call_mkdir(self, mid: Any, path: str, mode: int = 0o755) -> Dict[str, Any]:
+    def call_mkdir(self, mid: Any, path: str, mode: int = 0o755) -> dict[str, Any]:
         path = self._abs(path)
         os.makedirs(path, mode=mode, exist_ok=True)
         return {"path": path}
@@ -436,18 +437,18 @@ class Agent:
         else:
             subprocess.call([action, "-f"])
 
-    def call_shutdown(self, mid: Any) -> Dict[str, Any]:
+    def call_shutdown(self, mid: Any) -> dict[str, Any]:
         threading.Thread(target=self._power, args=("poweroff",), daemon=True).start()
         return {"accepted": True}
 
-    def call_reboot(self, mid: Any) -> Dict[str, Any]:
+    def call_reboot(self, mid: Any) -> dict[str, Any]:
         threading.Thread(target=self._power, args=("reboot",), daemon=True).start()
         return {"accepted": True}
 
 
 # ---------------------------------------------------------------------------- transports
 
-def find_port(name: str = PORT_NAME) -> Optional[str]:
+def find_port(name: str = PORT_NAME) -> str | None:
     link = "/dev/virtio-ports/" + name
     if os.path.exists(link):
         return link
@@ -485,8 +486,8 @@ def serve_virtio(path: str, started: float) -> None:
 
 
 def serve_vsock(port: int, started: float) -> None:
-    srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)  # type: ignore[attr-defined]
-    srv.bind((socket.VMADDR_CID_ANY, port))  # type: ignore[attr-defined]
+    srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+    srv.bind((socket.VMADDR_CID_ANY, port))
     srv.listen(1)
     while True:
         conn, _ = srv.accept()
@@ -518,7 +519,7 @@ def main() -> int:
         if os.path.exists("/dev/vsock") and hasattr(socket, "AF_VSOCK"):
             serve_vsock(VSOCK_PORT, started)
         if time.monotonic() > deadline:
-            sys.stderr.write("vmforge-agent: no virtio-serial port %s and no vsock\n" % PORT_NAME)
+            sys.stderr.write(f"vmforge-agent: no virtio-serial port {PORT_NAME} and no vsock\n")
             return 1
         time.sleep(0.2)
 

@@ -44,15 +44,14 @@ def build_minimal_cmd(
             print_json(img.as_dict())
         else:
             out.print(f"[bold]{img.ref}[/] ({note}) in {time.monotonic() - t0:.1f}s: "
-                      f"initrd {human_size(img.path('initrd').stat().st_size)}"  # type: ignore
-                      , highlight=False)
+                      f"initrd {human_size(art.initrd.stat().st_size)}", highlight=False)
 
 
 @image_app.command("ls")
 def ls_cmd(json_out: JsonOpt = False) -> None:
     """List images."""
     with errors_reported():
-        imgs = manager().library.list()
+        imgs = manager().library.all()
         if json_out:
             print_json([i.as_dict() for i in imgs])
             return
@@ -80,7 +79,7 @@ def inspect_cmd(ref: str, json_out: JsonOpt = False) -> None:
         data["lineage"] = lib.lineage(img)
         if img.path("disk"):
             from ..images.qcow2 import image_info
-            data["qemu_img"] = image_info(img.path("disk")).as_dict()  # type: ignore[arg-type]
+            data["qemu_img"] = image_info(img.paths["disk"]).as_dict()
         if json_out:
             print_json(data)
         else:

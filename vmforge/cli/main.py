@@ -238,7 +238,7 @@ def _agent_socket(name: str) -> Path:
     rec = manager().get(name)
     if rec.state != "running":
         raise InvalidState(f"VM {name} is {rec.state}, not running")
-    return rec.paths.agent
+    return Path(rec.paths.agent)
 
 
 @app.command()

@@ -188,7 +188,7 @@ class Library:
             raise ImageError(f"{field}: no image {ref!r} in the library", hint=hint)
         return img
 
-    def list(self) -> list[Image]:
+    def all(self) -> list[Image]:
         return [self._image(r) for r in
                 self.db.query("SELECT * FROM images ORDER BY name, version")]
 
