@@ -92,3 +92,18 @@ def test_doctor_and_help_cli(tmp_path: Path) -> None:
     assert checks["qemu"]["status"] == "ok"
     assert checks["kvm"]["detail"]  # says why KVM is or is not used
     assert "minimal image" in checks
+
+
+@pytest.mark.parametrize("fmt,size", [("raw", 64 * 1024**2), ("qcow2", 6 * 1024**4)])
+def test_overlay_formats_and_huge_sizes(tmp_path: Path, fmt: str, size: int) -> None:
+    base = qcow2.create_blank(tmp_path / f"base.{fmt}", 64 * 1024**2, fmt)
+    subprocess.run(["qemu-io", "-f", fmt, "-c", "write -P 0x5a 0 64k", str(base)], check=True,
+                   capture_output=True)
+    ov = qcow2.create_overlay(base, tmp_path / "ov.qcow2", size)
+    info = qcow2.image_info(ov)
+    assert info.backing_format == fmt and info.virtual_size == size
+    check = subprocess.run(["qemu-img", "check", str(ov)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    read = subprocess.run(["qemu-io", "-c", "read -P 0x5a 0 64k", str(ov)], capture_output=True,
+                          text=True)
+    assert "Pattern verification failed" not in read.stdout and read.returncode == 0

@@ -77,3 +77,15 @@ def test_bad_refs(ref: str) -> None:
 def test_prune_removes_unreferenced(lib: Library, tmp_path: Path) -> None:
     lib.store_file(blob(tmp_path, "orphan", b"orphan"))
     assert len(lib.prune()) == 1
+
+
+def test_overlay_header_layout() -> None:
+    import struct
+
+    from vmforge.images.qcow2 import overlay_bytes
+    head, length = overlay_bytes("/img/base.qcow2", "qcow2", 10 * 1024**3)
+    assert head[:4] == b"QFI\xfb" and struct.unpack(">I", head[4:8])[0] == 3
+    assert struct.unpack(">Q", head[24:32])[0] == 10 * 1024**3
+    off, n = struct.unpack(">QI", head[8:20])
+    assert head[off:off + n] == b"/img/base.qcow2"
+    assert b"qcow2" in head[104:off] and length == 4 * 65536

@@ -1,4 +1,4 @@
-"""Disk images through qemu-img: overlays, blank disks, info, convert.
+"""Disk images: overlays (written directly), and qemu-img for blank disks, info, convert.
 
 A backing image is only ever opened read-only: overlays name it with an explicit backing
 format, so QEMU never probes (or writes) it.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,8 @@ from typing import Any
 from .. import run
 from ..errors import ImageError
 
-__all__ = ["ImageInfo", "image_info", "create_overlay", "create_blank", "convert", "GIB"]
+__all__ = ["ImageInfo", "image_info", "create_overlay", "create_blank", "convert", "GIB",
+           "probe_format", "overlay_bytes"]
 
 GIB = 1024 ** 3
 
@@ -58,18 +60,79 @@ def image_info(path: str | Path) -> ImageInfo:
     )
 
 
+_QCOW2_MAGIC = b"QFI\xfb"
+_CLUSTER_BITS = 16
+_EXT_BACKING_FORMAT = 0xE2792ACA
+
+
+def probe_format(path: str | Path) -> tuple[str, int]:
+    """(format, virtual size) of a qcow2 or raw file, read from its header."""
+    with open(path, "rb") as f:
+        head = f.read(32)
+        if head[:4] == _QCOW2_MAGIC:
+            return "qcow2", struct.unpack(">Q", head[24:32])[0]
+        f.seek(0, os.SEEK_END)
+        return "raw", f.tell()
+
+
+def overlay_bytes(backing: str, backing_format: str, size: int) -> tuple[bytes, int]:
+    """Header cluster and total file length of an empty qcow2 v3 overlay.
+
+    The layout is the one qemu-img makes for a new image: header and backing name in
+    cluster 0, the refcount table in cluster 1, one refcount block in cluster 2, the L1
+    table from cluster 3. Everything after the header cluster is zero except two words.
+    """
+    cluster = 1 << _CLUSTER_BITS
+    l2_entries = cluster // 8
+    l1_size = max(1, -(-size // (cluster * l2_entries)))
+    l1_clusters = -(-l1_size * 8 // cluster)
+    total_clusters = 3 + l1_clusters
+    fmt = backing_format.encode()
+    ext = struct.pack(">II", _EXT_BACKING_FORMAT, len(fmt)) + fmt
+    ext += b"\0" * (-len(ext) % 8) + struct.pack(">II", 0, 0)
+    name = backing.encode()
+    header_len = 104
+    backing_off = header_len + len(ext)
+    if backing_off + len(name) > cluster:
+        raise ImageError(f"backing file path too long: {backing}")
+    header = struct.pack(
+        ">4sIQIIQIIQQIIQQQQII", _QCOW2_MAGIC, 3, backing_off, len(name), _CLUSTER_BITS,
+        size, 0, l1_size, 3 * cluster, cluster, 1, 0, 0, 0, 0, 0, 4, header_len)
+    assert len(header) == header_len
+    return header + ext + name, total_clusters * cluster
+
+
 def create_overlay(backing: str | Path, path: str | Path, size_bytes: int | None = None,
                    backing_format: str | None = None) -> Path:
-    """A thin qcow2 overlay on ``backing``; grown to ``size_bytes`` if that is larger."""
+    """A thin qcow2 overlay on ``backing``, grown to ``size_bytes`` if that is larger.
+
+    Written directly (no qemu-img process): the backing image is only read for its format
+    and size, and the overlay names the backing format so QEMU never probes it.
+    """
     backing = Path(backing).resolve()
     path = Path(path)
     if not backing.is_file():
         raise ImageError(f"backing image not found: {backing}")
-    info = image_info(backing)
-    fmt = backing_format or info.format
-    size = max(size_bytes or 0, info.virtual_size)
-    run.run([_qemu_img(), "create", "-q", "-f", "qcow2", "-F", fmt, "-b", str(backing),
-             "-o", "cluster_size=65536", str(path), str(size)], what="qemu-img create")
+    probed, vsize = probe_format(backing)
+    fmt = backing_format or probed
+    size = max(size_bytes or 0, vsize)
+    size += -size % 512
+    head, length = overlay_bytes(str(backing), fmt, size)
+    cluster = 1 << _CLUSTER_BITS
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.pwrite(fd, head, 0)
+        os.pwrite(fd, struct.pack(">Q", 2 * cluster), cluster)  # refcount table -> block
+        os.pwrite(fd, struct.pack(">HHHH", 1, 1, 1, 1), 2 * cluster)  # clusters 0-3 in use
+        if length > 4 * cluster:  # a very large disk: more L1 clusters, all referenced
+            n = length // cluster
+            os.pwrite(fd, struct.pack(f">{n}H", *([1] * n)), 2 * cluster)
+        os.ftruncate(fd, length)
+    except BaseException:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+        raise
+    os.close(fd)
     return path
 
 

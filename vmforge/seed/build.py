@@ -64,7 +64,8 @@ def _meta_data(text: str | None, name: str) -> bytes:
     meta = parse_meta_data(text or "")
     meta.setdefault("instance-id", name)
     meta.setdefault("local-hostname", name)
-    return yaml.safe_dump(meta, sort_keys=False).encode()
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    return yaml.dump(meta, Dumper=dumper, sort_keys=False).encode()
 
 
 def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: bool = False,

@@ -15,12 +15,14 @@ __all__ = ["validate_user_data", "validate_network_config", "parse_meta_data", "
 
 _OTHER_HEADERS = ("#include", "#cloud-boothook", "#part-handler", "#cloud-config-archive",
                   "#cloud-config-jsonp", "## template: jinja")
+# libyaml's C parser when present: 8x faster, same errors with the same marks.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 NETPLAN_V2_KEYS = {"version", "renderer", "ethernets", "bonds", "bridges", "vlans", "wifis"}
 
 
 def yaml_mapping(text: str, field: str, *, allow_empty: bool = False) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a safe loader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

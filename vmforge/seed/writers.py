@@ -1,8 +1,7 @@
-"""Seed writers: ISO 9660 (Joliet + Rock Ridge) in-process with pycdlib, and vfat."""
+"""Seed writers: ISO 9660 (Joliet + Rock Ridge) in-process, and vfat (mkfs.vfat + mcopy)."""
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -10,34 +9,23 @@ from pathlib import Path
 from .. import run
 from ..errors import SeedError
 from .build import Seed
+from .iso9660 import build_iso
 
 __all__ = ["write_iso", "write_vfat", "write_seed"]
 
 LABEL = "cidata"
 
 
-def _iso_name(name: str) -> str:
-    return "/" + name.upper().replace("-", "_") + ".;1"
-
-
-def write_iso(seed: Seed, path: str | Path) -> Path:
-    """Write the seed as an ISO (what `cloud-localds` makes), atomically."""
-    import pycdlib
-
+def write_iso(seed: Seed, path: str | Path, mtime: float | None = None) -> Path:
+    """Write the seed as an ISO 9660 image labelled cidata (what `cloud-localds` makes),
+    with Joliet and Rock Ridge names, atomically."""
     path = Path(path)
-    iso = pycdlib.PyCdlib()
-    iso.new(interchange_level=3, joliet=3, rock_ridge="1.09", vol_ident=LABEL,
-            sys_ident="LINUX")
-    for name, data in seed.files():
-        iso.add_fp(io.BytesIO(data), len(data), _iso_name(name), rr_name=name,
-                   joliet_path="/" + name)
+    data = build_iso(seed.files(), LABEL, mtime)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as fp:
-            iso.write_fp(fp)
+        tmp.write_bytes(data)
         os.replace(tmp, path)
     finally:
-        iso.close()
         tmp.unlink(missing_ok=True)
     return path
 
