@@ -60,6 +60,7 @@ class AgentClient:
         self._pending: dict[int, _Call] = {}
         self._ids = itertools.count(random.randint(1, 1 << 30))
         self._hello = asyncio.Event()
+        self._session: _Call | None = None
         self.hello: dict[str, Any] | None = None
         self.skipped = 0
 
@@ -87,6 +88,9 @@ class AgentClient:
                 raise AgentError(f"hybrid vsock handshake refused: {line!r}")
         self._hello.clear()
         self._task = asyncio.create_task(self._read_loop())
+        # The session handshake: answered once the agent runs; also tells the guest that
+        # whatever an earlier connection left half done is abandoned.
+        _mid, self._session = await self._send("hello", {}, None)
         return self
 
     async def close(self) -> None:
@@ -166,7 +170,7 @@ class AgentClient:
     # -- calls
     async def _send(self, call: str, args: dict[str, Any], on_stream: StreamFn | None
                     ) -> tuple[int, _Call]:
-        if not self.connected:
+        if not self.connected and call != "hello":
             await self.connect()
         assert self._writer is not None
         mid = next(self._ids)
@@ -188,10 +192,10 @@ class AgentClient:
             raise AgentTimeout(f"agent call {name} got no answer in {timeout}s") from None
 
     async def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Readiness: the guest's pushed hello, or its answer to a ``hello`` call.
+        """Readiness: the guest's pushed hello, or its answer to the session ``hello`` call.
 
-        The call is sent right after connecting; QEMU holds it until the agent opens its
-        port, so a booting guest answers with the push and a running one with the reply.
+        The call is sent on connect; QEMU holds it until the agent opens its port, so a
+        booting guest answers with the push and a running one with the reply.
         """
         deadline = time.monotonic() + timeout
         while True:
@@ -201,17 +205,18 @@ class AgentClient:
             try:
                 if not self.connected:
                     await self.connect(timeout=left)
-                _mid, pending = await self._send("hello", {}, None)
+                assert self._session is not None
+                session = self._session.future
                 pushed = asyncio.ensure_future(self._hello.wait())
-                done, _ = await asyncio.wait({pushed, pending.future}, timeout=left,
-                                             return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait({pushed, session}, timeout=left,
+                                   return_when=asyncio.FIRST_COMPLETED)
                 pushed.cancel()
-                if pending.future in done and pending.future.exception() is None:
-                    self.hello = dict(pending.future.result())
+                if session.done() and session.exception() is None:
+                    self.hello = dict(session.result())
                     return self.hello
                 if self._hello.is_set():
                     return self.hello or {}
-                if pending.future.done():  # connection dropped (guest rebooting): retry
+                if session.done():  # connection dropped (guest rebooting): reconnect
                     await asyncio.sleep(0.1)
             except AgentError:
                 await asyncio.sleep(0.1)

@@ -230,8 +230,10 @@ class Agent:
 
     # -- calls
     def call_hello(self, mid: Any) -> dict[str, Any]:
-        # A pushed hello can be lost when the host reconnects while a reply was in flight;
-        # asking is the fallback (the host sends this right after connecting).
+        # Every host connection starts with this call. virtio-serial carries one host
+        # connection at a time, so whatever earlier sessions left (half uploads) is dead;
+        # a reader blocked in a write across the reconnect never saw their EOF.
+        self.disconnected()
         return self.hello_data()
 
     def call_ping(self, mid: Any) -> dict[str, Any]:

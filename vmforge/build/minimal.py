@@ -32,7 +32,7 @@ from .elf import modinfo, needed_libs
 
 __all__ = ["MinimalRecipe", "MinimalArtifacts", "build_minimal", "READY_MARKER"]
 
-BUILDER_VERSION = 3
+BUILDER_VERSION = 6
 READY_MARKER = "vmforge: ready"
 DEFAULT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net",
                    "virtio_rng", "ahci", "ata_piix", "sr_mod", "isofs", "button", "evdev")
@@ -42,13 +42,14 @@ PY_EXCLUDES = ("_hashlib", "ssl", "_ssl", "_bz2", "_lzma", "bz2", "lzma", "_ctyp
                "pty", "readline", "_curses", "curses", "_dbm", "_gdbm", "_sqlite3", "_uuid",
                "_decimal", "xml", "pyexpat", "_elementtree", "urllib", "http", "email",
                "multiprocessing", "concurrent", "asyncio")
+# Loaded by name at run time, so modulefinder cannot see them (idna: socket host names).
 ESSENTIAL_PY = ("encodings/__init__.py", "encodings/aliases.py", "encodings/utf_8.py",
-                "encodings/latin_1.py", "encodings/ascii.py", "os.py")
+                "encodings/latin_1.py", "encodings/ascii.py", "encodings/idna.py",
+                "stringprep.py", "os.py")
 
 Progress = Callable[[str], None]
 
 INITTAB = """::sysinit:/etc/rc.boot
-::respawn:/opt/vmforge/run-agent
 ::shutdown:/bin/sync
 """
 
@@ -59,6 +60,9 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts /dev/shm /run /tmp /var/log /var/run
 mount -t tmpfs -o mode=0755 tmpfs /run
 while read -r m; do insmod "/lib/modules/$m.ko" 2>/dev/null; done < /etc/modules.list
+# The agent starts as early as its port exists (busybox init's respawn would cost ~1 s more
+# under TCG); this loop is its supervisor.
+(while true; do /opt/vmforge/run-agent; sleep 1; done) </dev/null >/dev/null 2>&1 &
 id=vmforge
 for tok in $(cat /proc/cmdline); do
   case "$tok" in vmforge.id=*) id="${tok#vmforge.id=}";; esac
@@ -72,7 +76,7 @@ if [ -e /sys/class/net/eth0 ]; then
 fi
 acpid -c /etc/acpi 2>/dev/null
 echo "vmforge: block devices: $(ls /sys/block | tr '\\n' ' ')" > /dev/console
-echo "READY_MARKER" > /dev/console
+echo "READY_MARKER (uptime $(cut -d" " -f1 /proc/uptime)s)" > /dev/console
 """
 
 RUN_AGENT = """#!/bin/sh
@@ -219,11 +223,15 @@ def _stage_python(extract: Path, stage: Path, pyver: str, agent_src: Path,
     agent_dir = stage / "opt/vmforge"
     agent_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy2(agent_src, agent_dir / "agent.py")
-    # Compile with the guest interpreter so the guest never compiles at boot (slow under TCG).
-    run.run([str(py), "-S", "-m", "compileall", "-q", str(dest_lib), str(agent_dir)],
+    # Compile with the guest interpreter so the guest never compiles at boot (seconds under
+    # TCG). unchecked-hash: the cpio's mtimes are 0 for reproducibility, and a timestamp pyc
+    # would then look stale and be recompiled on every boot.
+    run.run([str(py), "-S", "-m", "compileall", "-q", "--invalidation-mode", "unchecked-hash",
+             str(dest_lib), str(agent_dir)],
             env={"PYTHONHOME": str(extract / "usr")}, what="compileall (guest python)")
     # Prove the staged tree is complete: import the agent with only the staged stdlib.
-    run.run([str(py), "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import agent",
+    run.run([str(py), "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); import agent; "
+             "'localhost'.encode('idna'); agent.Decoder().feed(agent.encode({}))",
              str(agent_dir)], env={"PYTHONHOME": str(stage / "usr")},
             what="agent import check (staged python)")
 
