@@ -86,3 +86,31 @@ def vms(vm_data: DataDir) -> Iterator[VmHelper]:
 @pytest.fixture
 def repo_root() -> Path:
     return Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def debian_image(vm_data: DataDir) -> str:
+    """The Debian cloud image, built once per recipe (cached outside the repo)."""
+    from vmforge.build.debian import build_debian
+    from vmforge.cli.images import register_debian
+
+    m = VmManager(vm_data)
+    try:
+        img = register_debian(m.library, build_debian(vm_data.cache), "debian")
+        return str(img.ref)
+    finally:
+        m.close()
+
+
+def ssh_keypair(tmp: Path) -> tuple[Path, str]:
+    import subprocess
+    key = tmp / "id_ed25519"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
+    return key, (tmp / "id_ed25519.pub").read_text().strip()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -43,7 +43,7 @@ def test_stop_start_delete(vms: VmHelper) -> None:
         vms.manager.delete("cycle")
     vms.manager.delete("cycle", force=True)
     assert not rec.dir.exists()
-    assert [r.name for r in vms.manager.list()] == []
+    assert [r.name for r in vms.manager.vms()] == []
 
 
 def test_kill_9_of_qemu_shows_crashed(vms: VmHelper) -> None:
@@ -90,5 +90,5 @@ def test_cdrom_is_visible_in_guest(vms: VmHelper, tmp_path: object) -> None:
 def test_two_vms_from_one_spec(vms: VmHelper) -> None:
     a, b = vms.run("twin-a"), vms.run("twin-b")
     assert a.pid != b.pid
-    names = {r.name: r.state for r in vms.manager.list()}
+    names = {r.name: r.state for r in vms.manager.vms()}
     assert names == {"twin-a": "running", "twin-b": "running"}

@@ -81,16 +81,20 @@ def run_cmd(
     name: Annotated[list[str] | None, typer.Option("--name", "-n",
                     help="VM name (repeat to run many from one spec).")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 300,
+    keep: Annotated[bool, typer.Option("--keep-on-failure",
+                    help="Leave a VM that failed to boot or provision, for debugging.")]
+    = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create, start and wait until the VM is ready (agent hello); print the time to ready."""
+    """Create, start, wait until ready (agent hello) and provision; print the time to ready."""
     with errors_reported():
         reqs = _requests(spec, name)
         m = manager()
         recs = []
         for req in reqs:
             with progress(f"{req.name}") as p:
-                recs.append(m.run(req, timeout=timeout, progress=p))
+                recs.append(m.run(req, timeout=timeout, progress=p,
+                                  base_dir=spec.resolve().parent, keep_on_failure=keep))
         if json_out:
             print_json([r.as_dict() for r in recs])
             return
@@ -163,7 +167,7 @@ def rm_cmd(
 def ls_cmd(json_out: JsonOpt = False) -> None:
     """List VMs."""
     with errors_reported():
-        recs = manager().list()
+        recs = manager().vms()
         if json_out:
             print_json([r.as_dict() for r in recs])
             return

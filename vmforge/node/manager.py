@@ -130,7 +130,7 @@ class VmManager:
         rec = self._record(rows[0])
         return self._reconcile(rec) if reconcile else rec
 
-    def list(self) -> list[VmRecord]:
+    def vms(self) -> list[VmRecord]:
         return [self._reconcile(self._record(r))
                 for r in self.db.query("SELECT * FROM vms ORDER BY created_at")]
 
@@ -330,18 +330,39 @@ class VmManager:
             c.execute("DELETE FROM vms WHERE name=?", (name,))
 
     def run(self, req: VmRequest, *, timeout: float = 180.0,
-            progress: Progress = lambda _m: None) -> VmRecord:
-        """create + start + wait until ready; a VM that fails to become ready is removed."""
+            progress: Progress = lambda _m: None, base_dir: Path | None = None,
+            keep_on_failure: bool = False) -> VmRecord:
+        """create + start + wait until ready + provision (the spec's ``provision`` steps).
+
+        A VM that fails on the way is removed, unless ``keep_on_failure`` (for debugging).
+        """
         self.create(req, progress)
         try:
             progress("starting")
             self.start(req.name, progress)
             progress("waiting for the guest agent" if req.spec.agent.enabled
                      else "waiting for the ready marker")
-            return self.wait_ready(req.name, timeout)
-        except BaseException:
-            try:
-                self.delete(req.name, force=True)
-            except VmError:
-                pass
+            rec = self.wait_ready(req.name, timeout)
+            if req.spec.provision:
+                self.provision(req.name, base_dir or Path.cwd(), progress)
+            return rec
+        except BaseException as exc:
+            if keep_on_failure:
+                self._set(req.name, last_error=str(exc)[:2000])
+            else:
+                try:
+                    self.delete(req.name, force=True)
+                except VmError:
+                    pass
             raise
+
+    def provision(self, name: str, base_dir: Path,
+                  progress: Progress = lambda _m: None) -> list[dict[str, Any]]:
+        from .provision import provision
+        rec = self.get(name)
+        if not rec.request.spec.agent.enabled:
+            raise InvalidState(f"VM {name} has no agent; provisioning needs it",
+                               hint="set spec.agent.enabled: true")
+        spec = rec.request.spec
+        return provision(rec.paths.agent, spec.provision, spec.health_checks, base_dir,
+                         progress)

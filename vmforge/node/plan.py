@@ -59,6 +59,11 @@ def check_inputs(req: VmRequest, library: Library, host: HostFacts | None = None
     for i, c in enumerate(spec.cdroms):
         _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
     kernel_image = None
+    boot = spec.boot_disk
+    if not spec.kernel and boot is not None and boot.id in disk_images and \
+            disk_images[boot.id].path("kernel") is not None:
+        # A library disk image that carries its kernel boots directly from it.
+        kernel_image = disk_images[boot.id]
     if spec.kernel:
         if spec.kernel.image:
             kernel_image = library.find(spec.kernel.image)
@@ -136,6 +141,13 @@ def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts)
                            else d.format.value, idx.get(d.id)) for d in spec.disks)
     cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
     kernel = None
+    if inputs.kernel_image and not spec.kernel:
+        img = inputs.kernel_image
+        kpath = img.path(spec.firmware.kernel_role()) or img.path("kernel")
+        assert kpath is not None
+        initrd = img.path("initrd")
+        kernel = KernelPlan(str(kpath), str(initrd) if initrd else None,
+                            f"{img.cmdline or ''} vmforge.id={req.name}".strip())
     if spec.kernel:
         k = spec.kernel
         if inputs.kernel_image:
