@@ -92,3 +92,33 @@ def test_two_vms_from_one_spec(vms: VmHelper) -> None:
     assert a.pid != b.pid
     names = {r.name: r.state for r in vms.manager.vms()}
     assert names == {"twin-a": "running", "twin-b": "running"}
+
+
+def test_two_phase_provisioning(vms: VmHelper, tmp_path: object) -> None:
+    from pathlib import Path
+    bundle = Path(str(tmp_path)) / "bundle"
+    bundle.mkdir()
+    (bundle / "app.conf").write_text("port=2280\n")
+    vms.names.append("prov")
+    req = vms.request("prov", provision=[
+        {"copy": [str(bundle), "/etc/app"]},
+        {"run": ["sh", "-c", "cat /etc/app/app.conf > /run/configured"]},
+        {"wait_health": True, "timeout_s": 30}],
+        health_checks=[{"command": ["test", "-f", "/run/configured"]}])
+    vms.manager.run(req, timeout=240)
+    res = vms.call("prov", lambda c: c.exec(["cat", "/run/configured"]))
+    assert res.stdout == b"port=2280\n"
+
+
+def test_failing_provision_step_is_reported_and_cleaned_up(vms: VmHelper) -> None:
+    from vmforge.errors import ProvisionError
+    vms.names.append("badprov")
+    req = vms.request("badprov", provision=[
+        {"run": ["true"]},
+        {"name": "configure app", "shell": "echo config missing >&2; exit 4",
+         "timeout_s": 30}])
+    with pytest.raises(ProvisionError) as exc:
+        vms.manager.run(req, timeout=240)
+    assert exc.value.step == "configure app"
+    assert "exit code 4" in str(exc.value) and "config missing" in exc.value.output
+    assert [r.name for r in vms.manager.vms()] == []  # nothing left behind

@@ -102,3 +102,15 @@ def test_name_validation_never_accepts_path_tricks(name: str) -> None:
     except SpecError:
         return
     assert "/" not in req.name and ".." not in req.name and req.name.strip() == req.name
+
+
+def test_provision_steps_validate() -> None:
+    req = parse_request({"name": "a", "spec": {"provision": [
+        {"copy": ["./dir", "/srv"]}, {"run": ["true"]}, {"shell": "echo hi"},
+        {"wait_health": True}]}})
+    assert [s.label for s in req.spec.provision] == [
+        "copy ./dir -> /srv", "run true", "shell echo hi", "wait for health"]
+    with pytest.raises(SpecError, match="exactly one"):
+        parse_request({"name": "a", "spec": {"provision": [{"run": ["a"], "shell": "b"}]}})
+    with pytest.raises(SpecError, match="exactly one"):
+        parse_request({"name": "a", "spec": {"health_checks": [{"name": "empty"}]}})

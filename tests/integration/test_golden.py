@@ -1,0 +1,79 @@
+"""Golden images from the real Debian image: a daemon and its unit baked in, sealed, both
+outputs (flattened+compressed and layered) booted and health-checked; the base untouched."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from vmforge.build.golden import build_golden, load_recipe
+from vmforge.images import qcow2
+
+from .conftest import VmHelper
+
+pytestmark = [pytest.mark.vm, pytest.mark.subprocess]
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def test_golden_flat_and_layered(vms: VmHelper, debian_image: str, repo_root: Path) -> None:
+    lib = vms.manager.library
+    base = lib.resolve(debian_image)
+    base_disk = base.path("disk")
+    assert base_disk is not None
+    before = sha256(base_disk)
+    recipe, base_dir = load_recipe(repo_root / "examples/golden/recipe.yaml")
+    recipe = recipe.model_copy(update={"base": debian_image, "name": "gold"})
+    flat, layered = build_golden(vms.manager, recipe, base_dir)
+    assert (flat.ref, layered.ref) == ("gold:1", "gold-layered:1")
+    assert sha256(base_disk) == before  # the base is unchanged
+    assert lib.lineage(flat) == [base.ref] and lib.lineage(layered) == [base.ref]
+    assert [v for v in vms.manager.vms()] == []  # the build VM is gone
+
+    flat_info = qcow2.image_info(flat.path("disk"))  # type: ignore[arg-type]
+    assert flat_info.backing_file is None
+    lay_info = qcow2.image_info(layered.path("disk"))  # type: ignore[arg-type]
+    assert lay_info.backing_file == str(base_disk)
+    assert flat.size < base.size  # compressed
+
+    for name, ref in (("from-flat", flat.ref), ("from-layered", layered.ref)):
+        vms.run(name, kernel=None, memory_mib=1024, cpu_cores=2,
+                disks=[{"id": "root", "bootable": True, "image": ref}],
+                health_checks=[{"http_get": "http://127.0.0.1:2280/health"}],
+                provision=[{"wait_health": True, "timeout_s": 180}])
+        health = vms.call(name, lambda c: c.health(
+            [{"http_get": "http://127.0.0.1:2280/health"}]))
+        assert health["healthy"], health
+        res = vms.call(name, lambda c: c.exec(["sh", "-c",
+                       "cat /etc/golden-release; systemctl is-enabled healthd; "
+                       "cloud-init status --wait >/dev/null; ls /etc/ssh/ | grep -c host"]))
+        lines = res.stdout.decode().split()
+        assert lines[:2] == ["built-by-vmforge", "enabled"]
+        assert int(lines[2]) > 0  # fresh host keys made at this VM's first boot
+
+    # Sealed: no machine-id and no SSH host keys inside the stored image itself.
+    assert_sealed(flat.path("disk"), vms)  # type: ignore[arg-type]
+    with pytest.raises(Exception, match="in use"):
+        lib.remove(base.ref)
+
+
+def assert_sealed(disk: Path, vms: VmHelper) -> None:
+    import subprocess
+    import tempfile
+    with tempfile.TemporaryDirectory() as td:
+        raw = Path(td) / "root.raw"
+        subprocess.run(["qemu-img", "convert", "-O", "raw", str(disk), str(raw)], check=True)
+        mid = subprocess.run(["debugfs", "-R", "cat /etc/machine-id", str(raw)],
+                             capture_output=True, text=True).stdout
+        keys = subprocess.run(["debugfs", "-R", "ls /etc/ssh", str(raw)],
+                              capture_output=True, text=True).stdout
+    assert mid.strip() in ("", "uninitialized")
+    assert "ssh_host_" not in keys and "sshd_config" in keys
