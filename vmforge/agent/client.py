@@ -221,6 +221,21 @@ class AgentClient:
             except AgentError:
                 await asyncio.sleep(0.1)
 
+    async def wait_cloud_init(self, timeout: float = 600.0) -> dict[str, Any]:
+        """Until cloud-init has finished (done, error) or is absent (not-installed, disabled).
+
+        Polls a file read in the guest; no cloud-init CLI start-up (seconds under TCG).
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            state = dict(await self.call("cloud_init_status", timeout=30))
+            if state.get("status") in ("done", "error", "disabled", "not-installed"):
+                return state
+            if time.monotonic() > deadline:
+                raise AgentTimeout(f"cloud-init still {state.get('status')} after "
+                                   f"{timeout:.0f}s")
+            await asyncio.sleep(0.25)
+
     async def ping(self) -> dict[str, Any]:
         return dict(await self.call("ping"))
 

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -45,38 +46,52 @@ def encode(message: dict[str, Any]) -> bytes:
 
 
 class Decoder:
-    """Incremental RFC 7464 decoder: feed bytes, get messages; garbage is skipped and counted."""
+    """Incremental RFC 7464 decoder: feed bytes, get messages; garbage is skipped and counted.
+
+    Compact JSON holds neither RS nor LF, so the first of them after a record's RS decides:
+    LF ends the record, another RS means it was cut short (resync there). The scan resumes
+    where the last one stopped, so a large record arriving in small reads costs O(n).
+    """
+
+    _DELIM = re.compile(b"[\x1e\n]")
 
     def __init__(self, max_record: int = MAX_RECORD) -> None:
         self.buf = bytearray()
         self.max_record = max_record
         self.skipped = 0
+        self._scan = 0  # buf[0] is RS and buf[1:_scan] holds no delimiter
 
     def feed(self, data: bytes) -> list[dict[str, Any]]:
         self.buf += data
         out: list[dict[str, Any]] = []
         while True:
-            start = self.buf.find(RS)
-            if start < 0:
-                self.skipped += len(self.buf)
-                self.buf.clear()
-                return out
-            if start:
-                self.skipped += start
-                del self.buf[:start]
-            nxt = self.buf.find(RS, 1)
-            end = self.buf.find(LF, 1, nxt if nxt > 0 else len(self.buf))
-            if end < 0:
-                if nxt > 0:  # a record cut short by the next one: drop it, resync there
-                    self.skipped += nxt
-                    del self.buf[:nxt]
-                    continue
+            if not self._scan:
+                start = self.buf.find(RS)
+                if start < 0:
+                    self.skipped += len(self.buf)
+                    self.buf.clear()
+                    return out
+                if start:
+                    self.skipped += start
+                    del self.buf[:start]
+                self._scan = 1
+            m = self._DELIM.search(self.buf, self._scan)
+            if m is None:
+                self._scan = len(self.buf)
                 if len(self.buf) > self.max_record:
                     self.skipped += len(self.buf)
                     self.buf.clear()
+                    self._scan = 0
                 return out
+            end = m.start()
+            if self.buf[end] == RS[0]:  # cut short by the next record
+                self.skipped += end
+                del self.buf[:end]
+                self._scan = 1
+                continue
             raw = bytes(self.buf[1:end])
             del self.buf[:end + 1]
+            self._scan = 0
             try:
                 msg = json.loads(raw)
             except ValueError:

@@ -214,6 +214,27 @@ def pull_cmd(
                       f"{img.files['disk'][:12]})", highlight=False)
 
 
+@image_app.command("extract-kernel")
+def extract_kernel_cmd(ref: str, json_out: JsonOpt = False) -> None:
+    """Store an image's kernel and initrd beside it, read from its disk (no boot, no mount)."""
+    import tempfile
+
+    from ..images.extract import attach_kernel
+
+    with errors_reported():
+        m = manager()
+        img = m.library.resolve(ref)
+        m.data.cache.mkdir(parents=True, exist_ok=True)
+        with progress(f"extracting the kernel of {img.ref}"), \
+                tempfile.TemporaryDirectory(dir=m.data.cache) as td:
+            img = attach_kernel(m.library, img, Path(td))
+        if json_out:
+            print_json(img.as_dict())
+        else:
+            out.print(f"{img.ref}: kernel {img.files['kernel'][:12]}, initrd "
+                      f"{img.files['initrd'][:12]}, cmdline {img.cmdline!r}", highlight=False)
+
+
 @image_app.command("import")
 def import_cmd(
     file: Annotated[Path, typer.Argument(help="Image file (qcow2 or raw).")],

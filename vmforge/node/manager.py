@@ -161,6 +161,7 @@ class VmManager:
             from ..errors import HostError
             raise HostError(f"hypervisor {req.spec.hypervisor!r} is not available here",
                             hint="use hypervisor: qemu (the default)")
+        planmod.check_inputs(req, self.library)  # bad input fails before any host probe
         host = self.host(req.spec.accel)
         inputs = planmod.check_inputs(req, self.library, host)
         final = self.data.vms / req.name
@@ -231,7 +232,17 @@ class VmManager:
         from ..agent.client import AgentClient
 
         client = AgentClient(rec.paths.agent)
-        waiter = asyncio.ensure_future(client.wait_ready(timeout))
+        deadline = time.monotonic() + timeout
+
+        async def ready() -> dict[str, Any]:
+            hello = await client.wait_ready(timeout)
+            # Ready means provisioned: the OS part (cloud-init) has finished too.
+            state = await client.wait_cloud_init(max(1.0, deadline - time.monotonic()))
+            if state.get("status") == "error":
+                self._set(rec.name, last_error="cloud-init reported errors: "
+                          + "; ".join(map(str, state.get("errors", [])))[:1500])
+            return hello
+        waiter = asyncio.ensure_future(ready())
         try:
             while not waiter.done():
                 done, _ = await asyncio.wait({waiter}, timeout=0.25)

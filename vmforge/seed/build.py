@@ -151,10 +151,11 @@ def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
             {"path": "/etc/systemd/system/vmforge-agent.service", "permissions": "0644",
              "content": AGENT_UNIT},
         ],
-        "bootcmd": [["sh", "-c", "test -f /usr/local/lib/vmforge/agent.py && "
-                     "systemctl start --no-block vmforge-agent.service || true"]],
-        "runcmd": [["systemctl", "daemon-reload"],
-                   ["systemctl", "enable", "--now", "vmforge-agent.service"]],
+        # No daemon-reload: it reruns every generator (cloud-init's is Python), seconds under
+        # TCG. Enable for later boots, and start this boot's agent as a transient unit.
+        "runcmd": [["systemctl", "enable", "--no-reload", "vmforge-agent.service"],
+                   ["systemd-run", "--unit=vmforge-agent-firstboot", "--property=Restart=always",
+                    "/usr/bin/python3", "/usr/local/lib/vmforge/agent.py"]],
     }
     agent_part = MIMEText("#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False),
                           "cloud-config", "utf-8")
