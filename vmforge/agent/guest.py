@@ -18,6 +18,7 @@ import glob
 import hashlib
 import json
 import os
+import queue
 import re
 import signal
 import socket
@@ -210,6 +211,8 @@ class Agent:
 
     def disconnected(self) -> None:
         for up in list(self.uploads.values()):
+            up["queue"].put(None)
+            up["worker"].join()
             try:
                 up["file"].close()
                 os.unlink(up["tmp"])
@@ -367,18 +370,35 @@ class Agent:
             os.makedirs(parent, exist_ok=True)
         tmp = os.path.join(parent, f".{os.path.basename(path)}.vmforge-{os.getpid()}")
         handle = f"{mid}-{time.monotonic()}"
-        self.uploads[handle] = {"path": path, "tmp": tmp, "file": open(tmp, "wb"),
-                                "hash": hashlib.sha256(), "size": size, "sha256": sha256,
-                                "mode": mode, "owner": owner, "group": group, "written": 0}
+        up: dict[str, Any] = {"path": path, "tmp": tmp, "file": open(tmp, "wb"),
+                              "hash": hashlib.sha256(), "size": size, "sha256": sha256,
+                              "mode": mode, "owner": owner, "group": group, "written": 0,
+                              "queue": queue.Queue(maxsize=8), "error": None}
+        # Hashing and writing run on their own thread (both release the GIL), overlapping
+        # with the reader's JSON and base64 decoding of the next chunk.
+        up["worker"] = threading.Thread(target=self._sink, args=(up,), daemon=True)
+        up["worker"].start()
+        self.uploads[handle] = up
         return {"handle": handle}
+
+    @staticmethod
+    def _sink(up: dict[str, Any]) -> None:
+        while True:
+            raw = up["queue"].get()
+            if raw is None:
+                return
+            try:
+                up["hash"].update(raw)
+                up["file"].write(raw)
+            except OSError as exc:
+                up["error"] = exc
 
     def call_put_chunk(self, mid: Any, handle: str, data: str) -> dict[str, Any]:
         up = self.uploads.get(handle)
         if up is None:
             raise ValueError("unknown or expired upload handle")
         raw = base64.b64decode(data)
-        up["file"].write(raw)
-        up["hash"].update(raw)
+        up["queue"].put(raw)
         up["written"] += len(raw)
         return {"written": up["written"]}
 
@@ -386,10 +406,15 @@ class Agent:
         up = self.uploads.pop(handle, None)
         if up is None:
             raise ValueError("unknown or expired upload handle")
+        up["queue"].put(None)
+        up["worker"].join()
         f = up["file"]
         f.flush()
         os.fsync(f.fileno())
         f.close()
+        if up["error"] is not None:
+            os.unlink(up["tmp"])
+            raise up["error"]
         digest = up["hash"].hexdigest()
         if digest != up["sha256"] or up["written"] != up["size"]:
             os.unlink(up["tmp"])
