@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, table  # noqa: E402
 
 from vmforge.agent.client import AgentClient  # noqa: E402
-from vmforge.build.debian import build_debian  # noqa: E402
-from vmforge.cli.images import register_debian  # noqa: E402
+from vmforge.build.builtin import register_debian  # noqa: E402
 from vmforge.images import qcow2  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402
@@ -84,7 +83,7 @@ def main() -> None:
             f.write(os.urandom(1 << 20))
     ours_boot, bare_boot = [], []
     try:
-        img = register_debian(m.library, build_debian(data.cache), "debian")
+        img = register_debian(m.library, data.cache, "debian")
         m.host()
         for i in range(args.boots):
             port = free_port()

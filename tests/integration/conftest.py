@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from vmforge.agent.client import AgentClient
-from vmforge.build.minimal import build_minimal
+from vmforge.build.builtin import register_minimal
 from vmforge.node.manager import VmManager
 from vmforge.paths import DataDir
 from vmforge.spec import VmRequest, parse_request
@@ -28,10 +28,7 @@ T = TypeVar("T")
 def vm_data(tmp_path_factory: pytest.TempPathFactory) -> DataDir:
     data = DataDir(tmp_path_factory.mktemp("vmdata")).ensure()
     m = VmManager(data)
-    art = build_minimal(data.cache)
-    m.library.add("minimal", {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
-                              "initrd": art.initrd}, kind="kernel", cmdline=art.cmdline,
-                  source="build:minimal", recipe={**art.recipe(), "agent": True})
+    register_minimal(m.library, data.cache)
     m.close()
     return data
 
@@ -91,12 +88,11 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def debian_image(vm_data: DataDir) -> str:
     """The Debian cloud image, built once per recipe (cached outside the repo)."""
-    from vmforge.build.debian import build_debian
-    from vmforge.cli.images import register_debian
+    from vmforge.build.builtin import register_debian
 
     m = VmManager(vm_data)
     try:
-        img = register_debian(m.library, build_debian(vm_data.cache), "debian")
+        img = register_debian(m.library, vm_data.cache, "debian")
         return str(img.ref)
     finally:
         m.close()

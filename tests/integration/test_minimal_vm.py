@@ -122,3 +122,30 @@ def test_failing_provision_step_is_reported_and_cleaned_up(vms: VmHelper) -> Non
     assert exc.value.step == "configure app"
     assert "exit code 4" in str(exc.value) and "config missing" in exc.value.output
     assert [r.name for r in vms.manager.vms()] == []  # nothing left behind
+
+
+def test_cli_run_example_on_an_empty_data_dir(tmp_path: object, repo_root: object) -> None:
+    """What the README promises: `vmforge run -f examples/minimal.yaml` from nothing."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    data = Path(str(tmp_path)) / "fresh"
+    base = [sys.executable, "-m", "vmforge", "--data-dir", str(data)]
+    example = Path(str(repo_root)) / "examples" / "minimal.yaml"
+    try:
+        res = subprocess.run([*base, "run", "-f", str(example), "--json"], capture_output=True,
+                             text=True, timeout=600)
+        assert res.returncode == 0, res.stderr
+        rec = json.loads(res.stdout)[0]
+        assert rec["state"] == "running" and rec["boot_seconds"] > 0
+        assert "building" in res.stderr or "minimal" in res.stderr
+        res = subprocess.run([*base, "exec", "minimal-demo", "--", "sh", "-c", "exit 5"],
+                             capture_output=True, text=True, timeout=120)
+        assert res.returncode == 5
+        res = subprocess.run([*base, "image", "ls", "--json"], capture_output=True, text=True)
+        assert json.loads(res.stdout)[0]["ref"] == "minimal:1"
+    finally:
+        subprocess.run([*base, "rm", "-f", "minimal-demo"], capture_output=True, timeout=120)
+    res = subprocess.run([*base, "ls", "--json"], capture_output=True, text=True)
+    assert json.loads(res.stdout) == []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
@@ -23,28 +23,22 @@ def build_minimal_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Kernel + busybox + python + agent initramfs from Debian packages (direct kernel boot)."""
-    from ..build.minimal import build_minimal
+    from ..build.builtin import register_minimal
 
     with errors_reported():
         m = manager()
         t0 = time.monotonic()
+        before = m.library.find(name)
         with progress("building minimal image") as p:
-            art = build_minimal(m.data.cache, progress=p)
-        latest = m.library.find(name)
-        if latest and (latest.recipe or {}).get("key") == art.key:
-            img = latest
-            note = "unchanged"
-        else:
-            recipe: dict[str, Any] = {**art.recipe(), "agent": True}
-            img = m.library.add(name, {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
-                                       "initrd": art.initrd}, kind="kernel",
-                                cmdline=art.cmdline, source="build:minimal", recipe=recipe)
-            note = "new version"
+            img = register_minimal(m.library, m.data.cache, name, p)
+        note = "unchanged" if before and before.id == img.id else "new version"
         if json_out:
             print_json(img.as_dict())
         else:
-            out.print(f"[bold]{img.ref}[/] ({note}) in {time.monotonic() - t0:.1f}s: "
-                      f"initrd {human_size(art.initrd.stat().st_size)}", highlight=False)
+            initrd = img.path("initrd")
+            out.print(f"[bold]{img.ref}[/] ({note}) in {time.monotonic() - t0:.1f}s: initrd "
+                      f"{human_size(initrd.stat().st_size if initrd else None)}",
+                      highlight=False)
 
 
 @build_app.command("debian")
@@ -55,15 +49,15 @@ def build_debian_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """A cloud image from Debian packages (debootstrap, cloud-init NoCloud, ssh, python3)."""
-    from ..build.debian import DebianRecipe, build_debian
+    from ..build.builtin import register_debian
+    from ..build.debian import DebianRecipe
 
     with errors_reported():
         m = manager()
         t0 = time.monotonic()
         with progress("building debian image") as p:
-            art = build_debian(m.data.cache, DebianRecipe(suite=suite, size_gib=size_gib),
-                               progress=p)
-            img = register_debian(m.library, art, name)
+            img = register_debian(m.library, m.data.cache, name, p,
+                                  DebianRecipe(suite=suite, size_gib=size_gib))
         if json_out:
             print_json(img.as_dict())
         else:
@@ -92,28 +86,6 @@ def build_golden_cmd(
                 out.print(f"[bold]{img.ref}[/] ({img.source}, {human_size(img.size)}) "
                           f"from {rec.base}", highlight=False)
             out.print(f"built in {time.monotonic() - t0:.1f}s")
-
-
-def register_debian(library: Any, art: Any, name: str) -> Any:
-    """Add a Debian build to the library unless its latest version is this very build."""
-    from ..errors import BuildError
-    from ..images.kernel import extract_vmlinux
-    latest = library.find(name)
-    if latest and (latest.recipe or {}).get("key") == art.key:
-        return latest
-    files = {"disk": art.disk, "kernel": art.kernel, "initrd": art.initrd}
-    vmlinux = art.dir / "vmlinux"
-    try:  # XZ kernels gain most from PVH; LZ4 ones (the cloud kernel) unpack fast anyway
-        if not vmlinux.exists():
-            extract_vmlinux(art.kernel, vmlinux)
-        files["vmlinux"] = vmlinux
-    except BuildError:
-        pass
-    from ..images.qcow2 import image_info
-    info = image_info(art.disk)
-    return library.add(name, files, kind="disk", format="qcow2",
-                       cmdline=art.cmdline, source="build:debian",
-                       recipe=art.recipe(), virtual_size=info.virtual_size)
 
 
 @image_app.command("ls")

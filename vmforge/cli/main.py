@@ -67,6 +67,7 @@ def create(
         recs = []
         for req in reqs:
             with progress(f"creating {req.name}") as p:
+                m.ensure_images(req, p)
                 recs.append(m.create(req, p))
         if json_out:
             print_json([r.as_dict() for r in recs])
@@ -93,6 +94,7 @@ def run_cmd(
         recs = []
         for req in reqs:
             with progress(f"{req.name}") as p:
+                m.ensure_images(req, p)
                 recs.append(m.run(req, timeout=timeout, progress=p,
                                   base_dir=spec.resolve().parent, keep_on_failure=keep))
         if json_out:

@@ -155,6 +155,15 @@ class VmManager:
         return rec
 
     # -- lifecycle
+    def ensure_images(self, req: VmRequest, progress: Progress = lambda _m: None) -> None:
+        """Build the built-in images (minimal, debian) a spec names but the library lacks."""
+        from ..build.builtin import ensure_builtin
+        refs = [d.image for d in req.spec.disks if d.image]
+        if req.spec.kernel and req.spec.kernel.image:
+            refs.append(req.spec.kernel.image)
+        for ref in refs:
+            ensure_builtin(self.library, self.data.cache, ref, progress)
+
     def create(self, req: VmRequest, progress: Progress = lambda _m: None) -> VmRecord:
         validate_name(req.name)
         if req.spec.hypervisor != "qemu":

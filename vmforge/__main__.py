@@ -1,0 +1,3 @@
+from vmforge.cli.main import main
+
+main()
