@@ -83,8 +83,12 @@ def _boot_probe(qemu: str, kernel: str, timeout: float) -> KvmVerdict:
     out = res.stdout.decode(errors="replace")
     if "Kernel panic" in out or "VFS" in out or "Linux version" in out:
         return KvmVerdict(True, "a test kernel booted under KVM")
-    err = res.stderr.decode(errors="replace").strip().splitlines()
-    return KvmVerdict(False, f"QEMU could not run a guest under KVM: {err[-1] if err else '?'}")
+    err = res.stderr.decode(errors="replace").strip()
+    if "Assertion" in err or "failed to set MSR" in err:
+        return KvmVerdict(False, "QEMU aborted setting up a vCPU under KVM (typical of broken "
+                                 "nested virtualisation)")
+    last = err.splitlines()[-1][:160] if err else f"exit code {res.returncode}"
+    return KvmVerdict(False, f"QEMU could not run a guest under KVM: {last}")
 
 
 def probe_kvm(qemu: str, qemu_version: str, probe_kernel: str | None, cache_dir: Path | None,
