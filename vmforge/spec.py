@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -96,20 +97,22 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", use_enum_values=False)
 
 
+def _device_id(value: str) -> str:
+    if not ID_RE.match(value):
+        raise ValueError("must be 1-32 letters, digits, '-' or '_'")
+    return value
+
+
+DeviceId = Annotated[str, AfterValidator(_device_id)]
+
+
 class Disk(_Model):
-    id: str
+    id: DeviceId
     size_gib: float | None = Field(default=None, gt=0, le=65536)
     bootable: bool = False
     backing_file: str | None = None
     image: str | None = None
     format: DiskFormat = DiskFormat.QCOW2
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not ID_RE.match(v):
-            raise ValueError("must be 1-32 letters, digits, '-' or '_'")
-        return v
 
     @model_validator(mode="after")
     def _source(self) -> Disk:
@@ -121,16 +124,9 @@ class Disk(_Model):
 
 
 class Cdrom(_Model):
-    id: str
+    id: DeviceId
     iso_path: str
     bootable: bool = False
-
-    @field_validator("id")
-    @classmethod
-    def _id(cls, v: str) -> str:
-        if not ID_RE.match(v):
-            raise ValueError("must be 1-32 letters, digits, '-' or '_'")
-        return v
 
 
 class CloudInit(_Model):
