@@ -149,3 +149,10 @@ def test_cli_run_example_on_an_empty_data_dir(tmp_path: object, repo_root: objec
         subprocess.run([*base, "rm", "-f", "minimal-demo"], capture_output=True, timeout=120)
     res = subprocess.run([*base, "ls", "--json"], capture_output=True, text=True)
     assert json.loads(res.stdout) == []
+
+
+def test_microvm_boots_with_agent_over_mmio(vms: VmHelper) -> None:
+    rec = vms.run("micro", machine="microvm")
+    assert rec.state == "running"
+    res = vms.call("micro", lambda c: c.exec(["sh", "-c", "ls /sys/bus/virtio/devices | wc -l"]))
+    assert int(res.stdout) >= 2  # virtio-mmio devices found through ACPI
