@@ -28,7 +28,7 @@ from vmforge.paths import DataDir  # noqa: E402
 from vmforge.spec import parse_request  # noqa: E402
 
 
-async def round_trips(sock: Path, n: int) -> tuple[list[float], list[float]]:
+async def round_trips(sock: str, n: int) -> tuple[list[float], list[float]]:
     execs, pings = [], []
     async with AgentClient(sock) as c:
         await c.wait_ready(60)
@@ -70,7 +70,7 @@ def main() -> None:
                 m.run(req, timeout=120)
                 sink.append(time.perf_counter() - t0)
                 if agent and i == 0:
-                    execs, pings = asyncio.run(round_trips(m.get(req.name).paths.agent,
+                    execs, pings = asyncio.run(round_trips(m.get(req.name).agent_endpoint,
                                                            args.execs))
                 m.delete(req.name, force=True)
     finally:

@@ -96,7 +96,7 @@ def main() -> None:
             rec = m.run(req, timeout=600)  # ready = agent hello and cloud-init finished
             ours_boot.append(time.perf_counter() - t0)
             if i == 0:
-                execs, sshs, cps, scps = same_guest(rec.paths.agent, key, port, big, args.execs)
+                execs, sshs, cps, scps = same_guest(rec.agent_endpoint, key, port, big, args.execs)
             m.delete(req.name, force=True)
 
             # The same image, a cloud-localds seed, a bare qemu command, ssh polling.
@@ -136,7 +136,7 @@ def main() -> None:
           f"{fmt(statistics.median(sshs))})")
 
 
-def same_guest(sock: Path, key: Path, port: int, big: Path, n: int
+def same_guest(sock: str, key: Path, port: int, big: Path, n: int
                ) -> tuple[list[float], list[float], list[float], list[float]]:
     async def agent_side() -> tuple[list[float], list[float]]:
         execs, cps = [], []

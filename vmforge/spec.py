@@ -168,6 +168,8 @@ class KernelBoot(_Model):
 class AgentSpec(_Model):
     enabled: bool = True
     inject: bool = True  # add the agent to cloud-init user-data of cloud images
+    # auto: AF_VSOCK where the host has /dev/vhost-vsock, else virtio-serial
+    transport: str = Field(default="auto", pattern="^(auto|virtio-serial|vsock)$")
 
 
 class HealthCheck(_Model):

@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS vms (
     ready_at    REAL,
     stopped_at  REAL,
     owner_pid   INTEGER,
-    last_error  TEXT
+    last_error  TEXT,
+    agent_endpoint TEXT
 );
 CREATE TABLE IF NOT EXISTS images (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -63,6 +64,9 @@ class Database:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.execute("PRAGMA busy_timeout=30000")
         self._conn.executescript(SCHEMA)
+        cols = {r[1] for r in self._conn.execute("PRAGMA table_info(vms)")}
+        if "agent_endpoint" not in cols:  # state files of earlier versions
+            self._conn.execute("ALTER TABLE vms ADD COLUMN agent_endpoint TEXT")
 
     @contextmanager
     def tx(self) -> Iterator[sqlite3.Connection]:

@@ -48,7 +48,7 @@ class VmHelper:
         return self.manager.run(self.request(name, **spec), timeout=240)
 
     def agent(self, name: str) -> AgentClient:
-        return AgentClient(self.manager.get(name).paths.agent)
+        return AgentClient(self.manager.get(name).agent_endpoint)
 
     def call(self, name: str, fn: Callable[[AgentClient], Awaitable[T]]) -> T:
         async def go() -> T:

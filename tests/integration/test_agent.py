@@ -154,7 +154,7 @@ def test_client_killed_mid_transfer_then_next_call_works(guest: VmHelper,
     big = tmp_path / "big"
     with open(big, "wb") as f:
         f.write(os.urandom(60 << 20))
-    sock = guest.manager.get("agent1").paths.agent
+    sock = guest.manager.get("agent1").agent_endpoint
     code = ("import asyncio, sys; from vmforge.agent.client import AgentClient\n"
             "async def go():\n"
             "    async with AgentClient(sys.argv[1]) as c:\n"

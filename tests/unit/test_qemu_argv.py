@@ -97,3 +97,32 @@ def test_uefi_without_ovmf_is_a_host_error() -> None:
 
 def test_machine_enum_values() -> None:
     assert {m.value for m in Machine} == {"q35", "pc", "microvm"}
+
+
+def test_vsock_transport_when_the_host_has_vhost_vsock() -> None:
+    from vmforge.node.plan import agent_vsock_cid
+    vsock_host = HostFacts(qemu_binary="qemu-system-x86_64", accel="tcg", vsock=True)
+    req = parse_request({"name": "vm1", "spec": {"kernel": {"image": "minimal"}}})
+    plan = launch_plan(req, Inputs({}, MINIMAL), PATHS, vsock_host)
+    argv = golden_argv("argv-vsock.txt", plan, vsock_host)
+    cid = agent_vsock_cid(req, vsock_host)
+    assert cid is not None and cid >= 3
+    assert f"vhost-vsock-pci,guest-cid={cid}" in argv
+    assert not any("virtserialport" in a for a in argv)  # one transport, not two
+    assert agent_vsock_cid(req, HOST) is None  # no /dev/vhost-vsock: virtio-serial
+
+
+def test_forced_vsock_without_host_support_names_the_field() -> None:
+    from vmforge.errors import SpecError
+    req = parse_request({"name": "vm1", "spec": {"agent": {"transport": "vsock"},
+                                                 "kernel": {"image": "minimal"}}})
+    with pytest.raises(SpecError, match="spec.agent.transport"):
+        launch_plan(req, Inputs({}, MINIMAL), PATHS, HOST)
+
+
+def test_vsock_endpoint_parsing() -> None:
+    from vmforge.agent.client import parse_vsock
+    from vmforge.errors import AgentError
+    assert parse_vsock("vsock:42:1024") == (42, 1024)
+    with pytest.raises(AgentError, match="vsock:CID:PORT"):
+        parse_vsock("vsock:x")

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import os
 import random
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any
 from ..errors import AgentError, AgentTimeout, RemoteError
 from .protocol import Decoder, encode
 
-__all__ = ["AgentClient", "ExecResult", "connect", "CHUNK"]
+__all__ = ["AgentClient", "ExecResult", "connect", "parse_vsock", "CHUNK"]
 
 CHUNK = 512 * 1024
 WINDOW = 8
@@ -73,10 +74,10 @@ class AgentClient:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                self._reader, self._writer = await asyncio.open_unix_connection(
-                    self.path, limit=16 * 1024 * 1024)
+                self._reader, self._writer = await self._open()
                 break
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
+                    TimeoutError) as exc:
                 if time.monotonic() > deadline:
                     raise AgentError(f"cannot connect to the agent socket {self.path}: {exc}",
                                      hint="is the VM running? `vmforge ls`") from exc
@@ -92,6 +93,20 @@ class AgentClient:
         # whatever an earlier connection left half done is abandoned.
         _mid, self._session = await self._send("hello", {}, None)
         return self
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        limit = 16 * 1024 * 1024
+        if not self.path.startswith("vsock:"):
+            return await asyncio.open_unix_connection(self.path, limit=limit)
+        cid, port = parse_vsock(self.path)
+        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (cid, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await asyncio.open_connection(sock=sock, limit=limit)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -358,6 +373,15 @@ class AgentClient:
 
     async def reboot(self) -> None:
         await self.call("reboot")
+
+
+def parse_vsock(endpoint: str) -> tuple[int, int]:
+    """``vsock:CID:PORT`` -> (cid, port)."""
+    parts = endpoint.split(":")
+    if len(parts) != 3 or parts[0] != "vsock" or not parts[1].isdigit() or \
+            not parts[2].isdigit():
+        raise AgentError(f"bad vsock endpoint {endpoint!r}", hint="use vsock:CID:PORT")
+    return int(parts[1]), int(parts[2])
 
 
 async def connect(path: str | Path, *, timeout: float = 10.0,

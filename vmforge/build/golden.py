@@ -99,7 +99,7 @@ def load_recipe(path: str | Path) -> tuple[GoldenRecipe, Path]:
         raise spec_error_from(exc, str(p)) from None
 
 
-async def _customise(sock: Path, recipe: GoldenRecipe, base_dir: Path, out: Path,
+async def _customise(sock: str, recipe: GoldenRecipe, base_dir: Path, out: Path,
                      progress: Progress) -> None:
     async with AgentClient(sock) as c:
         await c.wait_ready(120)
@@ -175,7 +175,7 @@ def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
     try:
         progress(f"booting {base.ref} as {vm_name}")
         rec = manager.run(req, timeout=600, progress=progress)
-        asyncio.run(_customise(rec.paths.agent, recipe, base_dir, work, progress))
+        asyncio.run(_customise(rec.agent_endpoint, recipe, base_dir, work, progress))
         deadline_ok = False
         import time
         deadline = time.monotonic() + 120

@@ -35,7 +35,8 @@ __all__ = ["MinimalRecipe", "MinimalArtifacts", "build_minimal", "READY_MARKER"]
 BUILDER_VERSION = 6
 READY_MARKER = "vmforge: ready"
 DEFAULT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net",
-                   "virtio_rng", "ahci", "ata_piix", "sr_mod", "isofs", "button", "evdev")
+                   "virtio_rng", "ahci", "ata_piix", "sr_mod", "isofs", "button", "evdev",
+                   "vmw_vsock_virtio_transport")
 # Modules the agent reaches only through optional imports that have fallbacks.
 PY_EXCLUDES = ("_hashlib", "ssl", "_ssl", "_bz2", "_lzma", "bz2", "lzma", "_ctypes", "ctypes",
                "tkinter", "_tkinter", "unittest", "pydoc", "doctest", "_posixshmem", "tty",

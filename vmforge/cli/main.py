@@ -239,12 +239,12 @@ def console(
 
 # ---------------------------------------------------------------------------- agent
 
-def _agent_socket(name: str) -> Path:
+def _agent_socket(name: str) -> str:
     from ..errors import InvalidState
     rec = manager().get(name)
     if rec.state != "running":
         raise InvalidState(f"VM {name} is {rec.state}, not running")
-    return Path(rec.paths.agent)
+    return str(rec.agent_endpoint)
 
 
 @app.command()

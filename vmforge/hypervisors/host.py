@@ -43,6 +43,7 @@ class HostFacts:
     ovmf_code: str | None = "/usr/share/OVMF/OVMF_CODE_4M.fd"
     ovmf_vars: str | None = "/usr/share/OVMF/OVMF_VARS_4M.fd"
     tsc_khz: int | None = None
+    vsock: bool = False  # /dev/vhost-vsock usable: the agent can use AF_VSOCK
 
 
 def probe_qemu() -> tuple[str, str]:
@@ -133,7 +134,8 @@ def probe_host(*, probe_kernel: str | None = None, cache_dir: Path | None = None
     return HostFacts(qemu_binary=qemu, qemu_version=version,
                      accel="kvm" if verdict.works else "tcg",
                      accel_reason=verdict.reason, ovmf_code=code, ovmf_vars=vars_,
-                     tsc_khz=probe_tsc_khz())
+                     tsc_khz=probe_tsc_khz(),
+                     vsock=os.access("/dev/vhost-vsock", os.R_OK | os.W_OK))
 
 
 def facts_dict(h: HostFacts) -> dict[str, object]:

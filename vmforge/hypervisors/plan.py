@@ -6,9 +6,11 @@ from dataclasses import dataclass, field
 
 from ..spec import Firmware, Machine, Nic
 
-__all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "LaunchPlan", "AGENT_PORT_NAME"]
+__all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "LaunchPlan", "AGENT_PORT_NAME",
+           "AGENT_VSOCK_PORT"]
 
 AGENT_PORT_NAME = "org.vmforge.agent.0"
+AGENT_VSOCK_PORT = 1024
 
 
 @dataclass(frozen=True)
@@ -51,4 +53,5 @@ class LaunchPlan:
     nics: tuple[Nic, ...] = ()
     kernel: KernelPlan | None = None
     uefi_vars: str | None = None
+    vsock_cid: int | None = None  # set: the agent talks AF_VSOCK instead of virtio-serial
     extra_args: tuple[str, ...] = field(default=())

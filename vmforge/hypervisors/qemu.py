@@ -92,6 +92,9 @@ def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> l
         argv += ["-chardev", f"socket,id=agent,path={plan.agent_socket},server=on,wait=off",
                  "-device", f"{virtio_device('serial', plan.machine)},id=vser0",
                  "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"]
+    if plan.vsock_cid is not None:
+        kind = "vhost-vsock-device" if plan.machine is Machine.MICROVM else "vhost-vsock-pci"
+        argv += ["-device", f"{kind},guest-cid={plan.vsock_cid}"]
     argv += ["-device", f"{virtio_device('rng', plan.machine)}"]
     argv += list(plan.extra_args)
     return argv

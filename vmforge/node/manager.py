@@ -33,6 +33,7 @@ from ..errors import (
 )
 from ..hypervisors import qemu_proc
 from ..hypervisors.host import HostFacts, probe_host
+from ..hypervisors.plan import AGENT_VSOCK_PORT
 from ..images.library import Library
 from ..paths import DataDir, VmPaths
 from ..spec import VmRequest, parse_request, validate_name
@@ -58,10 +59,16 @@ class VmRecord:
     ready_at: float | None
     stopped_at: float | None
     last_error: str | None
+    endpoint: str | None = None
 
     @property
     def paths(self) -> VmPaths:
         return VmPaths(self.dir)
+
+    @property
+    def agent_endpoint(self) -> str:
+        """Where the agent answers: a unix socket path, or ``vsock:CID:PORT``."""
+        return self.endpoint or str(self.paths.agent)
 
     @property
     def boot_seconds(self) -> float | None:
@@ -77,7 +84,7 @@ class VmRecord:
                 "ready_at": self.ready_at, "stopped_at": self.stopped_at,
                 "boot_seconds": self.boot_seconds, "last_error": self.last_error,
                 "console_log": str(self.paths.console), "qmp_socket": str(self.paths.qmp),
-                "agent_socket": str(self.paths.agent),
+                "agent_socket": self.agent_endpoint,
                 "spec": json.loads(self.request.model_dump_json(by_alias=True))["spec"]}
 
 
@@ -107,7 +114,7 @@ class VmManager:
         req = parse_request(json.loads(row["spec"]), "stored spec")
         return VmRecord(row["name"], row["state"], req, Path(row["dir"]), row["pid"],
                         row["accel"], row["created_at"], row["started_at"], row["ready_at"],
-                        row["stopped_at"], row["last_error"])
+                        row["stopped_at"], row["last_error"], row["agent_endpoint"])
 
     def _reconcile(self, rec: VmRecord) -> VmRecord:
         """A VM recorded as running whose QEMU is gone crashed (or powered itself off)."""
@@ -221,8 +228,10 @@ class VmManager:
         except BaseException as exc:
             self._set(name, state=rec.state, last_error=str(exc)[:2000])
             raise
+        endpoint = (f"vsock:{lp.vsock_cid}:{AGENT_VSOCK_PORT}" if lp.vsock_cid is not None
+                    else None)
         self._set(name, state="running", pid=pid, accel=host.accel, started_at=started,
-                  ready_at=None, stopped_at=None, last_error=None)
+                  ready_at=None, stopped_at=None, last_error=None, agent_endpoint=endpoint)
         return self.get(name)
 
     def wait_ready(self, name: str, timeout: float = 180.0) -> VmRecord:
@@ -240,7 +249,7 @@ class VmManager:
     async def _wait_agent(self, rec: VmRecord, timeout: float) -> float:
         from ..agent.client import AgentClient
 
-        client = AgentClient(rec.paths.agent)
+        client = AgentClient(rec.agent_endpoint)
         deadline = time.monotonic() + timeout
 
         async def ready() -> dict[str, Any]:
@@ -304,7 +313,7 @@ class VmManager:
         from ..agent.client import AgentClient
 
         async def go() -> bool:
-            client = AgentClient(rec.paths.agent)
+            client = AgentClient(rec.agent_endpoint)
             try:
                 await client.connect(timeout=2)
                 await client.call("shutdown", timeout=5)
@@ -384,5 +393,5 @@ class VmManager:
             raise InvalidState(f"VM {name} has no agent; provisioning needs it",
                                hint="set spec.agent.enabled: true")
         spec = rec.request.spec
-        return provision(rec.paths.agent, spec.provision, spec.health_checks, base_dir,
+        return provision(rec.agent_endpoint, spec.provision, spec.health_checks, base_dir,
                          progress)

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..images.library import Image, Library
 from ..paths import VmPaths
 from ..spec import BootDevice, Firmware, VmRequest
 
-__all__ = ["Inputs", "check_inputs", "prepare_artifacts", "launch_plan"]
+__all__ = ["Inputs", "check_inputs", "prepare_artifacts", "launch_plan", "agent_vsock_cid"]
 
 
 @dataclass(frozen=True)
@@ -162,11 +163,27 @@ def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts)
         else:
             assert k.kernel
             kernel = KernelPlan(k.kernel, k.initrd, f"{k.cmdline or ''} vmforge.id={req.name}")
-    agent = str(paths.agent) if spec.agent.enabled else None
+    cid = agent_vsock_cid(req, host)
+    agent = str(paths.agent) if spec.agent.enabled and cid is None else None
     return LaunchPlan(
         name=req.name, cpu_cores=spec.cpu_cores, memory_mib=spec.memory_mib,
         machine=spec.machine, firmware=spec.firmware, console_log=str(paths.console),
         qmp_socket=str(paths.qmp), agent_socket=agent, pidfile=str(paths.pidfile),
         disks=disks, cdroms=cdroms, seed=str(paths.seed) if paths.seed.exists() else None,
         nics=spec.nics, kernel=kernel,
-        uefi_vars=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None)
+        uefi_vars=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
+        vsock_cid=cid)
+
+
+def agent_vsock_cid(req: VmRequest, host: HostFacts) -> int | None:
+    """The guest CID when the agent should use AF_VSOCK, else None (virtio-serial)."""
+    agent = req.spec.agent
+    if not agent.enabled or agent.transport == "virtio-serial":
+        return None
+    if agent.transport == "vsock" and not host.vsock:
+        raise SpecError("vsock needs /dev/vhost-vsock on the host", field="spec.agent.transport",
+                        hint="modprobe vhost_vsock, or use transport: virtio-serial (or auto)")
+    if not host.vsock:
+        return None
+    digest = int.from_bytes(hashlib.sha256(req.name.encode()).digest()[:4], "big")
+    return 3 + digest % (2**31 - 3)  # 0-2 are reserved

@@ -61,7 +61,7 @@ async def _step(client: AgentClient, step: ProvisionStep, checks: tuple[HealthCh
     return "healthy"
 
 
-def provision(socket: Path, steps: tuple[ProvisionStep, ...], checks: tuple[HealthCheck, ...],
+def provision(socket: str | Path, steps: tuple[ProvisionStep, ...], checks: tuple[HealthCheck, ...],
               base: Path, progress: Progress = lambda _m: None) -> list[dict[str, Any]]:
     """Run the steps in order; returns a report, raises ProvisionError at the first failure."""
     async def go() -> list[dict[str, Any]]:
