@@ -231,6 +231,9 @@ class VmSpec(_Model):
     cdroms: tuple[Cdrom, ...] = ()
     nics: tuple[Nic, ...] = (Nic(),)
     kernel: KernelBoot | None = None
+    # auto: a library disk image that carries its kernel boots directly from it (fast);
+    # firmware: always through BIOS/UEFI and the disk's own bootloader, like a stock image.
+    boot_mode: str = Field(default="auto", pattern="^(auto|firmware)$")
     cloud_init: CloudInit | None = None
     agent: AgentSpec = AgentSpec()
     health_checks: tuple[HealthCheck, ...] = ()

@@ -87,3 +87,17 @@ def test_default_seed_when_no_cloud_init(vms: VmHelper, debian_image: str,
                           "-o", "BatchMode=yes", "bob@127.0.0.1", "sudo -n true && echo ok"],
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_boots_from_its_own_bootloader_like_a_stock_image(vms: VmHelper,
+                                                         debian_image: str) -> None:
+    """boot_mode firmware: SeaBIOS -> GRUB in the image's MBR -> kernel; the partition grows."""
+    vms.run("grubby", kernel=None, boot_mode="firmware", memory_mib=1024, cpu_cores=2,
+            disks=[{"id": "root", "size_gib": 5, "bootable": True, "image": debian_image}],
+            cloud_init={"user_data": "#cloud-config\nhostname: grubby\n"})
+    res = vms.call("grubby", lambda c: c.exec(["sh", "-c",
+                   "cat /proc/cmdline; lsblk -bno SIZE /dev/vda1; hostname"]))
+    cmdline, part_size, hostname = res.stdout.decode().strip().splitlines()
+    assert "BOOT_IMAGE=/boot/vmlinuz" in cmdline  # GRUB booted it, not -kernel
+    assert int(part_size) > 4.5 * 1024**3  # growpart grew vda1 to the overlay's size
+    assert hostname == "grubby"

@@ -126,3 +126,26 @@ def test_vsock_endpoint_parsing() -> None:
     assert parse_vsock("vsock:42:1024") == (42, 1024)
     with pytest.raises(AgentError, match="vsock:CID:PORT"):
         parse_vsock("vsock:x")
+
+
+def test_disk_image_with_kernel_boots_directly_unless_firmware_mode() -> None:
+    debian = Image(id=2, name="debian", version=1, kind="disk", format="qcow2",
+                   files={"disk": "d", "kernel": "k", "initrd": "i"},
+                   cmdline="root=LABEL=cloudimg-rootfs ro console=ttyS0", parent_id=None,
+                   source=None, recipe={}, size=0, virtual_size=None, created_at=0,
+                   paths={"disk": "/lib/d", "kernel": "/lib/k",  # type: ignore[dict-item]
+                          "initrd": "/lib/i"})
+    from vmforge.node.plan import check_inputs
+
+    class Lib:
+        def find(self, ref: str) -> Image:
+            return debian
+
+    for mode, direct in (("auto", True), ("firmware", False)):
+        req = parse_request({"name": "vm1", "spec": {"boot_mode": mode, "disks": [
+            {"id": "root", "bootable": True, "image": "debian"}]}})
+        inputs = check_inputs(req, Lib())  # type: ignore[arg-type]
+        argv = qemu_argv(launch_plan(req, inputs, PATHS, HOST), HOST)
+        assert ("-kernel" in argv) is direct
+        assert ("root=LABEL=cloudimg-rootfs ro console=ttyS0 vmforge.id=vm1" in argv) is direct
+        assert any("drive=root,serial=root,bootindex=1" in a for a in argv) is not direct

@@ -2,9 +2,11 @@
 
 Cloud images cannot be downloaded everywhere, so vmforge can make one that behaves like a
 stock image: systemd, cloud-init with the NoCloud datasource, openssh-server, python3, the
-cloud kernel. The root filesystem is made without mounting anything (``mkfs.ext4 -d``); the
-image boots by direct kernel boot with its kernel and initrd, which are stored beside the disk
-in the library and used automatically. Results are cached by recipe.
+cloud kernel. The root filesystem is made without mounting anything (``mkfs.ext4 -d``) and
+placed in a partition at 1 MiB behind an MBR holding GRUB (``grub-mkimage``'s core.img in the
+gap), so the disk boots by itself like a stock image. Its kernel and initrd are also stored
+beside it in the library for direct kernel boot, which vmforge uses by default (faster under
+TCG). Results are cached by recipe.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from ..errors import BuildError
 
 __all__ = ["DebianRecipe", "DebianArtifacts", "build_debian", "find_mirror", "ROOT_LABEL"]
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 ROOT_LABEL = "cloudimg-rootfs"
 PACKAGES = ("systemd-sysv", "udev", "dbus", "cloud-init", "linux-image-cloud-amd64",
             "initramfs-tools", "openssh-server", "sudo", "iproute2", "netbase", "e2fsprogs",
             "cloud-guest-utils", "ifupdown", "isc-dhcp-client", "python3",
-            "python3-cffi-backend", "curl", "ca-certificates", "procps")
+            "python3-cffi-backend", "curl", "ca-certificates", "procps", "grub-pc-bin")
 Progress = Callable[[str], None]
 
 CLOUD_CFG = {
@@ -124,6 +126,57 @@ def _configure(root: Path) -> None:
     # A serial getty is started by systemd from console=ttyS0; nothing else to enable.
 
 
+GRUB_MODULES = ("biosdisk", "part_msdos", "ext2", "normal", "linux", "search",
+                "search_label", "serial", "terminal", "configfile", "echo", "test")
+PART_START = 2048  # sectors: the partition starts at 1 MiB; GRUB's core.img sits before it
+
+
+def _grub_cfg(kernel: str, initrd: str, cmdline_args: str) -> str:
+    return "\n".join([
+        "set timeout=0", "set default=0",
+        "serial --unit=0 --speed=115200", "terminal_input serial console",
+        "terminal_output serial console",
+        'menuentry "Debian (vmforge cloud image)" {',
+        f"  search --no-floppy --label {ROOT_LABEL} --set=root",
+        f"  linux /boot/{kernel} {cmdline_args}",
+        f"  initrd /boot/{initrd}",
+        "}", ""])
+
+
+def _mbr(boot_img: bytes, part_sectors: int) -> bytes:
+    """GRUB's boot.img code, a disk signature and one bootable Linux partition."""
+    import struct
+    mbr = bytearray(boot_img[:440].ljust(440, b"\0")) + os.urandom(4) + b"\0\0"
+    # status, CHS first (unused: LBA), type 0x83, CHS last (unused), first LBA, sectors
+    mbr += struct.pack("<B3sB3sII", 0x80, b"\xfe\xff\xff", 0x83, b"\xfe\xff\xff",
+                       PART_START, part_sectors)
+    mbr += b"\0" * 48 + b"\x55\xaa"
+    assert len(mbr) == 512
+    return bytes(mbr)
+
+
+def _assemble_disk(root: Path, fs: Path, disk: Path) -> None:
+    """MBR + GRUB core.img (sectors 1..) + the ext4 file system at 1 MiB, written sparsely."""
+    core = root / "tmp" / "core.img"
+    boot_img = (root / "usr/lib/grub/i386-pc/boot.img").read_bytes()
+    core_bytes = core.read_bytes()
+    if len(core_bytes) > (PART_START - 1) * 512:
+        raise BuildError("GRUB core.img does not fit before the first partition")
+    fs_size = fs.stat().st_size
+    with open(disk, "wb") as out, open(fs, "rb") as src:
+        out.write(_mbr(boot_img, fs_size // 512))
+        out.write(core_bytes)
+        zero = bytes(1 << 20)
+        offset = PART_START * 512
+        while chunk := src.read(1 << 20):
+            if chunk != zero[:len(chunk)]:
+                out.seek(offset)
+                out.write(chunk)
+            offset += len(chunk)
+        out.truncate(PART_START * 512 + fs_size)
+    core.unlink()
+
+
 def build_debian(cache: Path, recipe: DebianRecipe | None = None,
                  progress: Progress = lambda _m: None, mirror: str | None = None
                  ) -> DebianArtifacts:
@@ -131,6 +184,8 @@ def build_debian(cache: Path, recipe: DebianRecipe | None = None,
     mirror = mirror or find_mirror()
     key = recipe.key(mirror)
     cmdline = f"root=LABEL={ROOT_LABEL} ro console=ttyS0 net.ifnames=0"
+    # Boots two ways: from its own MBR + GRUB like a stock image (boot_mode: firmware), or
+    # directly with the kernel and initrd stored beside it (the default: faster under TCG).
     out = cache / "debian" / key
     if (out / "disk.qcow2").exists():
         progress(f"using cached build {key}")
@@ -156,11 +211,24 @@ def build_debian(cache: Path, recipe: DebianRecipe | None = None,
             raise BuildError("the image has no kernel or initrd in /boot")
         shutil.copy2(kernels[-1], work / "vmlinuz")
         shutil.copy2(initrds[-1], work / "initrd.img")
+        progress("installing GRUB (BIOS) for booting from the disk itself")
+        _write(root / "boot/grub/grub.cfg",
+               _grub_cfg(kernels[-1].name, initrds[-1].name, cmdline))
+        run.run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/tmp/core.img",
+                 "-p", "(hd0,msdos1)/boot/grub", *GRUB_MODULES], what="grub-mkimage")
         progress("making the ext4 root filesystem (mkfs.ext4 -d)")
-        raw = work / "disk.raw"
+        fs = work / "rootfs.ext4"
+        core = root / "tmp" / "core.img"
+        core_copy = work / "core.img"
+        shutil.move(core, core_copy)  # keep it out of the file system
         run.run(["mkfs.ext4", "-q", "-d", str(root), "-L", ROOT_LABEL, "-E",
-                 "root_owner=0:0", str(raw), f"{recipe.size_gib}G"], timeout=1800,
+                 "root_owner=0:0", str(fs), f"{recipe.size_gib * 1024 - 1}M"], timeout=1800,
                 what="mkfs.ext4")
+        shutil.move(core_copy, core)
+        raw = work / "disk.raw"
+        progress("partitioning: MBR with GRUB, ext4 at 1 MiB")
+        _assemble_disk(root, fs, raw)
+        fs.unlink()
         progress("converting to qcow2")
         from ..images.qcow2 import convert
         convert(raw, work / "disk.qcow2", src_format="raw")

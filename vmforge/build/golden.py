@@ -37,8 +37,11 @@ __all__ = ["GoldenRecipe", "load_recipe", "build_golden"]
 
 Progress = Callable[[str], None]
 
-SEAL = ("cloud-init clean --logs --machine-id; rm -f /var/lib/dbus/machine-id "
-        "/etc/ssh/ssh_host_*; rm -rf /tmp/* /var/tmp/*; "
+# "uninitialized" (not a missing file) is systemd's mark for a golden image: the next boot
+# generates the machine-id and counts as a first boot (ConditionFirstBoot).
+SEAL = ("cloud-init clean --logs --machine-id; "
+        "test -s /etc/machine-id || printf 'uninitialized\\n' > /etc/machine-id; "
+        "rm -f /var/lib/dbus/machine-id /etc/ssh/ssh_host_*; rm -rf /tmp/* /var/tmp/*; "
         "fstrim -av >/dev/null 2>&1 || true; sync")
 
 

@@ -12,6 +12,8 @@ import re
 import struct
 import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +21,8 @@ from .. import run
 from ..errors import ImageError
 from .library import Image, Library
 
-__all__ = ["Partition", "find_partitions", "extract_kernel", "attach_kernel"]
+__all__ = ["Partition", "find_partitions", "ext_filesystems", "list_dir", "read_file",
+           "extract_kernel", "attach_kernel"]
 
 SECTOR = 512
 
@@ -70,34 +73,52 @@ def _version_key(name: str) -> list[int]:
     return [int(x) for x in re.findall(r"\d+", name)]
 
 
-def extract_kernel(disk: Path, fmt: str, dest: Path) -> tuple[Path, Path, str]:
-    """(kernel, initrd, cmdline) found in the image's ext file systems."""
+@contextmanager
+def ext_filesystems(disk: Path, fmt: str) -> Iterator[list[tuple[str, Path]]]:
+    """(uuid, raw file system file) for each ext2/3/4 file system in the image."""
     run.require_binary("debugfs", "e2fsprogs")
     head = _read(disk, fmt, 0, 34 * SECTOR)
     size = json.loads(run.run(["qemu-img", "info", "--output=json", "-U", str(disk)]).stdout
                       )["virtual-size"]
-    root_uuid = None
-    found: tuple[Path, Path] | None = None
-    for part in find_partitions(head):
-        fs_uuid = _ext_uuid(_read(disk, fmt, part.offset, 2048))
-        if fs_uuid is None:
-            continue
-        with tempfile.TemporaryDirectory() as td:
-            fs = Path(td) / "fs.raw"
+    with tempfile.TemporaryDirectory() as td:
+        found = []
+        for i, part in enumerate(find_partitions(head)):
+            fs_uuid = _ext_uuid(_read(disk, fmt, part.offset, 2048))
+            if fs_uuid is None:
+                continue
+            fs = Path(td) / f"fs{i}.raw"
             length = part.size or size - part.offset
             opts = (f"driver=raw,offset={part.offset},size={length},file.driver={fmt},"
                     f"file.file.filename={disk}")
             run.run(["qemu-img", "convert", "-q", "-O", "raw", "--image-opts", opts, str(fs)],
                     what="qemu-img convert (slice)", timeout=1800)
+            found.append((fs_uuid, fs))
+        yield found
+
+
+def list_dir(fs: Path, path: str) -> list[str]:
+    listing = run.run(["debugfs", "-R", f"ls -p {path}", str(fs)], check=False).text
+    return [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
+
+
+def read_file(fs: Path, path: str) -> bytes | None:
+    res = run.run(["debugfs", "-R", f"cat {path}", str(fs)], check=False)
+    names = list_dir(fs, str(Path(path).parent))
+    return res.stdout if Path(path).name in names else None
+
+
+def extract_kernel(disk: Path, fmt: str, dest: Path) -> tuple[Path, Path, str]:
+    """(kernel, initrd, cmdline) found in the image's ext file systems."""
+    root_uuid = None
+    found: tuple[Path, Path] | None = None
+    with ext_filesystems(disk, fmt) as filesystems:
+        for fs_uuid, fs in filesystems:
             for bootdir in ("/boot", "/"):
-                listing = run.run(["debugfs", "-R", f"ls -p {bootdir}", str(fs)],
-                                  check=False).text
-                names = [f.split("/")[5] for f in listing.splitlines() if f.count("/") >= 6]
+                names = list_dir(fs, bootdir)
                 kernels = sorted((n for n in names if n.startswith("vmlinuz-")),
                                  key=_version_key)
                 for k in reversed(kernels):
-                    release = k.removeprefix("vmlinuz-")
-                    initrd = f"initrd.img-{release}"
+                    initrd = f"initrd.img-{k.removeprefix('vmlinuz-')}"
                     if initrd in names and found is None:
                         dest.mkdir(parents=True, exist_ok=True)
                         kpath, ipath = dest / "vmlinuz", dest / "initrd.img"
@@ -105,7 +126,7 @@ def extract_kernel(disk: Path, fmt: str, dest: Path) -> tuple[Path, Path, str]:
                             run.run(["debugfs", "-R",
                                      f"dump {bootdir.rstrip('/')}/{src} {out}", str(fs)])
                         found = (kpath, ipath)
-            if "etc" in run.run(["debugfs", "-R", "ls -p /", str(fs)], check=False).text:
+            if "etc" in list_dir(fs, "/"):
                 root_uuid = root_uuid or fs_uuid
     if found is None:
         raise ImageError(f"{disk.name}: no /boot/vmlinuz-* with a matching initrd found",

@@ -61,8 +61,8 @@ def check_inputs(req: VmRequest, library: Library, host: HostFacts | None = None
         _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
     kernel_image = None
     boot = spec.boot_disk
-    if not spec.kernel and boot is not None and boot.id in disk_images and \
-            disk_images[boot.id].path("kernel") is not None:
+    if not spec.kernel and spec.boot_mode == "auto" and boot is not None and \
+            boot.id in disk_images and disk_images[boot.id].path("kernel") is not None:
         # A library disk image that carries its kernel boots directly from it.
         kernel_image = disk_images[boot.id]
     if spec.kernel:
@@ -138,6 +138,8 @@ def _boot_indexes(req: VmRequest) -> tuple[dict[str, int], int | None]:
 def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts) -> LaunchPlan:
     spec = req.spec
     idx, _net = _boot_indexes(req)
+    if inputs.kernel_image and not spec.kernel and spec.boot_disk:
+        idx.pop(spec.boot_disk.id, None)  # booted directly: the disk's bootloader is unused
     disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
                            else d.format.value, idx.get(d.id)) for d in spec.disks)
     cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
