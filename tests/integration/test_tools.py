@@ -36,7 +36,12 @@ def test_iso_label_and_exact_bytes(tmp_path: Path) -> None:
 
 
 def test_vfat_seed(tmp_path: Path) -> None:
-    img = write_vfat(Seed(b"instance-id: a\n", USER), tmp_path / "s.img")
+    img = write_vfat(Seed(b"instance-id: a\n", USER, None, b""), tmp_path / "s.img")
+    fsck = subprocess.run(["fsck.vfat", "-n", str(img)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    listing = subprocess.run(["mdir", "-b", "-i", str(img), "::"], capture_output=True,
+                             text=True, env={"MTOOLS_SKIP_CHECK": "1", "PATH": "/usr/bin:/bin"})
+    assert sorted(listing.stdout.split()) == ["::/meta-data", "::/user-data", "::/vendor-data"]
     blkid = subprocess.run(["blkid", "-o", "export", str(img)], capture_output=True,
                            text=True).stdout
     assert "LABEL=CIDATA" in blkid.upper() and "TYPE=vfat" in blkid

@@ -158,3 +158,23 @@ def test_iso_bytes_are_reproducible_golden(tmp_path: Path) -> None:
     b = write_iso(seed, tmp_path / "b.iso", mtime=1_700_000_000).read_bytes()
     assert a == b
     check_golden("seed-iso.sha256", hashlib.sha256(a).hexdigest() + "\n")
+
+
+def test_vfat_layout_and_long_names(tmp_path: Path) -> None:
+    import struct
+
+    from vmforge.seed.vfat import build_vfat
+    img = build_vfat([("network-config", b"version: 2\n" * 100), ("user-data", b"x")],
+                     mtime=1_700_000_000)
+    assert img[510:512] == b"\x55\xaa" and img[54:62] == b"FAT12   "
+    assert img[43:54] == b"CIDATA     "
+    fat_sectors = struct.unpack_from("<H", img, 22)[0]
+    root = img[(1 + 2 * fat_sectors) * 512:][:64 * 32]
+    names = []
+    for i in range(0, len(root), 32):
+        e = root[i:i + 32]
+        if e[0] and e[11] == 0x0F:
+            names.append(e[1:11] + e[14:26] + e[28:32])
+    text = b"".join(reversed(names)).decode("utf-16-le")
+    assert "network-config" in text and "user-data" in text
+    assert build_vfat([("a", b"1")], mtime=0) == build_vfat([("a", b"1")], mtime=0)

@@ -37,8 +37,6 @@ def run_doctor(m: Any) -> list[dict[str, Any]]:
     for tool, pkg, why in (("busybox", "busybox-static", "minimal image (taken from the .deb)"),
                            ("apt-get", "apt", "image builders fetch Debian packages"),
                            ("dpkg-deb", "dpkg", "unpacking packages"),
-                           ("mkfs.vfat", "dosfstools", "vfat seeds"),
-                           ("mcopy", "mtools", "vfat seeds"),
                            ("debootstrap", "debootstrap", "the Debian cloud image builder"),
                            ("mkfs.ext4", "e2fsprogs", "the Debian cloud image builder")):
         path = run.find_binary(tool)
