@@ -1,6 +1,7 @@
 """Core benchmarks, one table, vmforge beside the standard tool on the same work:
 
-* NoCloud seed ISO: vmforge in-process (validate + pycdlib) vs `cloud-localds`
+* NoCloud seed ISO: vmforge in-process (validate + its ISO 9660 writer) vs `cloud-localds`
+* NoCloud seed vfat: vmforge in-process (FAT12 writer) vs `cloud-localds -f vfat`
 * per-VM overlay: vmforge create_overlay vs `qemu-img create -b`
 * launch to ready: vmforge (create + start + ready marker) vs the bare `qemu-system-x86_64`
   command booting the same kernel + initrd to the same serial marker.
@@ -25,7 +26,7 @@ from vmforge.build.minimal import READY_MARKER, build_minimal  # noqa: E402
 from vmforge.images import qcow2  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402
-from vmforge.seed import build_seed, write_iso  # noqa: E402
+from vmforge.seed import build_seed, write_iso, write_vfat  # noqa: E402
 from vmforge.spec import CloudInit, parse_request  # noqa: E402
 
 USER = "#cloud-config\nhostname: bench\nusers:\n  - name: dev\n    sudo: ALL=(ALL) ALL\n"
@@ -46,6 +47,21 @@ def bench_seed(tmp: Path, n: int) -> tuple[list[float], list[float]]:
 
     def theirs() -> None:
         subprocess.run(["cloud-localds", str(tmp / f"tool-{next(counter)}.iso"),
+                        str(tmp / "ud"), str(tmp / "md")], check=True)
+    return timed(ours, n), timed(theirs, n)
+
+
+def bench_vfat(tmp: Path, n: int) -> tuple[list[float], list[float]]:
+    (tmp / "ud").write_text(USER)
+    (tmp / "md").write_text(META)
+    counter = iter(range(10**9))
+
+    def ours() -> None:
+        write_vfat(build_seed("bench", CloudInit(user_data=USER, meta_data=META)),
+                   tmp / f"vmforge-{next(counter)}.img")
+
+    def theirs() -> None:
+        subprocess.run(["cloud-localds", "-f", "vfat", str(tmp / f"tool-{next(counter)}.img"),
                         str(tmp / "ud"), str(tmp / "md")], check=True)
     return timed(ours, n), timed(theirs, n)
 
@@ -114,12 +130,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="vmforge-bench-"))
     try:
         s_ours, s_tool = bench_seed(tmp, args.n)
+        v_ours, v_tool = bench_vfat(tmp, args.n)
         o_ours, o_tool = bench_overlay(tmp, args.n)
         b_ours, b_tool = bench_boot(tmp, args.boots)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     table(f"vmforge core benchmarks (seed/overlay n={args.n}, boots n={args.boots}, TCG)", [
         ("NoCloud seed ISO", s_ours, "cloud-localds", s_tool, ">= 20x faster"),
+        ("NoCloud seed vfat", v_ours, "cloud-localds -f vfat", v_tool, "report"),
         ("qcow2 overlay on a backing image", o_ours, "qemu-img create -b", o_tool, "report"),
         ("launch to ready marker (minimal)", b_ours, "bare qemu-system-x86_64", b_tool,
          "vmforge <= 1.05x"),
