@@ -12,7 +12,7 @@ import struct
 import time
 from collections.abc import Sequence
 
-__all__ = ["build_vfat"]
+__all__ = ["build_vfat", "vfat_regions"]
 
 SECTOR = 512
 ROOT_ENTRIES = 64
@@ -79,6 +79,18 @@ def _dirent(short: bytes, attr: int, cluster: int, size: int, t: time.struct_tim
 
 def build_vfat(files: Sequence[tuple[str, bytes]], label: str = "CIDATA",
                mtime: float | None = None) -> bytes:
+    """The whole image in memory (tests, small uses); writers use :func:`vfat_regions`."""
+    size, regions = vfat_regions(files, label, mtime)
+    img = bytearray(size)
+    for off, data in regions:
+        img[off:off + len(data)] = data
+    return bytes(img)
+
+
+def vfat_regions(files: Sequence[tuple[str, bytes]], label: str = "CIDATA",
+                 mtime: float | None = None) -> tuple[int, list[tuple[int, bytes]]]:
+    """(image size, [(offset, bytes)]): everything not listed is zero, so a writer can
+    leave it as a hole."""
     t = time.gmtime(time.time() if mtime is None else mtime)
     payload = sum(len(d) for _, d in files)
     spc = 1
@@ -95,15 +107,15 @@ def build_vfat(files: Sequence[tuple[str, bytes]], label: str = "CIDATA",
 
     fat = [0xFF8, 0xFFF] + [0] * clusters
     root = bytearray(_dirent(label.upper().ljust(11)[:11].encode(), 0x08, 0, 0, t))
-    img = bytearray(total * SECTOR)
+    regions: list[tuple[int, bytes]] = []
     nxt = 2
     for i, (name, data) in enumerate(files, 1):
         n = -(-len(data) // (spc * SECTOR))
         first = nxt if n else 0
         for c in range(nxt, nxt + n):
             fat[c] = c + 1 if c < nxt + n - 1 else 0xFFF
-        off = (data_start + (nxt - 2) * spc) * SECTOR
-        img[off:off + len(data)] = data
+        if data:
+            regions.append(((data_start + (nxt - 2) * spc) * SECTOR, data))
         nxt += n
         short = _short_name(name, i)
         for entry in _lfn_entries(name, short):
@@ -123,11 +135,7 @@ def build_vfat(files: Sequence[tuple[str, bytes]], label: str = "CIDATA",
                      int(mtime) & 0xFFFFFFFF, label.upper().ljust(11)[:11].encode(),
                      b"FAT12   ")
     boot[510:512] = b"\x55\xaa"
-    img[0:SECTOR] = boot
     fat_bytes = _fat12(fat)
-    for k in range(2):
-        off = (1 + k * fat_sectors) * SECTOR
-        img[off:off + len(fat_bytes)] = fat_bytes
-    off = (1 + 2 * fat_sectors) * SECTOR
-    img[off:off + len(root)] = root
-    return bytes(img)
+    regions += [(0, bytes(boot)), (SECTOR, fat_bytes), ((1 + fat_sectors) * SECTOR, fat_bytes),
+                ((1 + 2 * fat_sectors) * SECTOR, bytes(root))]
+    return total * SECTOR, regions

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..errors import SeedError
 from .build import Seed
 from .iso9660 import build_iso
-from .vfat import build_vfat
+from .vfat import vfat_regions
 
 __all__ = ["write_iso", "write_vfat", "write_seed"]
 
@@ -32,10 +32,16 @@ def write_iso(seed: Seed, path: str | Path, mtime: float | None = None) -> Path:
 def write_vfat(seed: Seed, path: str | Path, mtime: float | None = None) -> Path:
     """Write the seed as a FAT image labelled CIDATA (as `cloud-localds -f vfat`)."""
     path = Path(path)
-    data = build_vfat(seed.files(), LABEL.upper(), mtime)
+    size, regions = vfat_regions(seed.files(), LABEL.upper(), mtime)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_bytes(data)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            for off, data in regions:  # the rest stays a hole: the image is mostly zeros
+                os.pwrite(fd, data, off)
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
