@@ -338,13 +338,18 @@ def load_document(text: str, source: str) -> Any:
         raise SpecError(f"{source}: invalid YAML: {exc}") from None
 
 
+def read_document(path: Path, what: str = "spec file") -> Any:
+    """Read and parse a YAML/JSON file; unreadable files and bad syntax are SpecErrors."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise SpecError(f"cannot read {what} {path}: {exc.strerror}") from None
+    return load_document(text, str(path))
+
+
 def load_request(path: str | Path, name: str | None = None) -> VmRequest:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read spec file {p}: {exc.strerror}") from None
-    data = load_document(text, str(p))
+    data = read_document(p)
     if isinstance(data, dict) and name is not None:
         data = {**data, "name": name}
     req = parse_request(data, str(p))

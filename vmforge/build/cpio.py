@@ -7,6 +7,8 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from ..fsutil import atomic_path
+
 __all__ = ["write_cpio"]
 
 
@@ -29,9 +31,8 @@ def _entry(out: BinaryIO, ino: int, mode: int, name: str, body: bytes, mtime: in
 
 def write_cpio(root: Path, out_path: Path, mtime: int = 0) -> None:
     """Archive the tree under ``root`` (all entries owned by root:root)."""
-    tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     ino = 1
-    with open(tmp, "wb") as out:
+    with atomic_path(out_path) as tmp, open(tmp, "wb") as out:
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             for name in sorted(dirnames) + sorted(filenames):
@@ -47,4 +48,3 @@ def write_cpio(root: Path, out_path: Path, mtime: int = 0) -> None:
                 _entry(out, ino, st.st_mode, rel, body, mtime)
                 ino += 1
         _entry(out, 0, 0, "TRAILER!!!", b"", 0)
-    os.replace(tmp, out_path)

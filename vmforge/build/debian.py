@@ -25,6 +25,7 @@ import yaml
 
 from .. import run
 from ..errors import BuildError
+from ..fsutil import write_file
 
 __all__ = ["DebianRecipe", "DebianArtifacts", "build_debian", "find_mirror", "ROOT_LABEL"]
 
@@ -99,24 +100,19 @@ def find_mirror(default: str = "http://deb.debian.org/debian") -> str:
     return default
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-
 
 def _configure(root: Path) -> None:
-    _write(root / "etc/cloud/cloud.cfg.d/90-vmforge.cfg",
+    write_file(root / "etc/cloud/cloud.cfg.d/90-vmforge.cfg",
            "# written by vmforge\n" + yaml.safe_dump(CLOUD_CFG, sort_keys=False))
-    _write(root / "etc/fstab", f"LABEL={ROOT_LABEL} / ext4 defaults,discard,errors=remount-ro "
+    write_file(root / "etc/fstab", f"LABEL={ROOT_LABEL} / ext4 defaults,discard,errors=remount-ro "
                                "0 1\n")
-    _write(root / "etc/network/interfaces",
+    write_file(root / "etc/network/interfaces",
            "auto lo\niface lo inet loopback\n\nsource /etc/network/interfaces.d/*\n")
     (root / "etc/network/interfaces.d").mkdir(parents=True, exist_ok=True)
-    _write(root / "etc/machine-id", "")
+    write_file(root / "etc/machine-id", "")
     (root / "var/lib/dbus/machine-id").unlink(missing_ok=True)
-    _write(root / "etc/hostname", "localhost\n")
-    _write(root / "etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
+    write_file(root / "etc/hostname", "localhost\n")
+    write_file(root / "etc/hosts", "127.0.0.1 localhost\n::1 localhost ip6-localhost\n")
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()
     shutil.rmtree(root / "var/lib/apt/lists", ignore_errors=True)
@@ -212,7 +208,7 @@ def build_debian(cache: Path, recipe: DebianRecipe | None = None,
         shutil.copy2(kernels[-1], work / "vmlinuz")
         shutil.copy2(initrds[-1], work / "initrd.img")
         progress("installing GRUB (BIOS) for booting from the disk itself")
-        _write(root / "boot/grub/grub.cfg",
+        write_file(root / "boot/grub/grub.cfg",
                _grub_cfg(kernels[-1].name, initrds[-1].name, cmdline))
         run.run(["chroot", str(root), "grub-mkimage", "-O", "i386-pc", "-o", "/tmp/core.img",
                  "-p", "(hd0,msdos1)/boot/grub", *GRUB_MODULES], what="grub-mkimage")

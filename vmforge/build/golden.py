@@ -31,7 +31,7 @@ from ..agent.client import AgentClient
 from ..errors import BuildError, SpecError, VmforgeError
 from ..images import qcow2
 from ..images.library import Image, Library
-from ..spec import load_document, spec_error_from
+from ..spec import read_document, spec_error_from
 
 __all__ = ["GoldenRecipe", "load_recipe", "build_golden"]
 
@@ -91,11 +91,7 @@ class GoldenRecipe(BaseModel):
 
 def load_recipe(path: str | Path) -> tuple[GoldenRecipe, Path]:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise SpecError(f"cannot read recipe {p}: {exc.strerror}") from None
-    data = load_document(text, str(p))
+    data = read_document(p, "recipe")
     try:
         return GoldenRecipe.model_validate(data), p.resolve().parent
     except ValidationError as exc:

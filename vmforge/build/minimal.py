@@ -25,6 +25,7 @@ from pathlib import Path
 from .. import run
 from ..agent import guest as agent_module
 from ..errors import BuildError
+from ..fsutil import write_file
 from ..images.kernel import extract_vmlinux
 from .cpio import write_cpio
 from .debs import extract_deb, fetch_debs, resolve_dependency
@@ -190,11 +191,6 @@ def _copy_libs(extract: Path, stage: Path, elves: list[Path]) -> None:
     shutil.copy2(ld.resolve(), stage / "lib64/ld-linux-x86-64.so.2")
 
 
-def _write(path: Path, text: str, mode: int = 0o644) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(mode)
-
 
 def _stage_python(extract: Path, stage: Path, pyver: str, agent_src: Path,
                   progress: Progress) -> None:
@@ -271,7 +267,7 @@ def build_minimal(cache: Path, recipe: MinimalRecipe | None = None,
         (stage / "lib/modules").mkdir(parents=True)
         for m in order:
             shutil.copy2(index[m], stage / "lib/modules" / f"{m}.ko")
-        _write(stage / "etc/modules.list", "\n".join(order) + "\n")
+        write_file(stage / "etc/modules.list", "\n".join(order) + "\n")
         progress("busybox")
         bb = stage / "bin/busybox"
         bb.parent.mkdir(parents=True, exist_ok=True)
@@ -287,12 +283,12 @@ def build_minimal(cache: Path, recipe: MinimalRecipe | None = None,
         for d in ("proc", "sys", "dev", "run", "tmp", "root", "mnt", "var/log"):
             (stage / d).mkdir(parents=True, exist_ok=True)
         (stage / "tmp").chmod(0o1777)
-        _write(stage / "etc/inittab", INITTAB)
-        _write(stage / "etc/rc.boot", RC_BOOT.replace("READY_MARKER", READY_MARKER), 0o755)
-        _write(stage / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
-        _write(stage / "etc/group", "root:x:0:\n")
-        _write(stage / "etc/acpi/PWRF/00000080", "#!/bin/sh\npoweroff -f\n", 0o755)
-        _write(stage / "opt/vmforge/run-agent", RUN_AGENT, 0o755)
+        write_file(stage / "etc/inittab", INITTAB)
+        write_file(stage / "etc/rc.boot", RC_BOOT.replace("READY_MARKER", READY_MARKER), 0o755)
+        write_file(stage / "etc/passwd", "root:x:0:0:root:/root:/bin/sh\n")
+        write_file(stage / "etc/group", "root:x:0:\n")
+        write_file(stage / "etc/acpi/PWRF/00000080", "#!/bin/sh\npoweroff -f\n", 0o755)
+        write_file(stage / "opt/vmforge/run-agent", RUN_AGENT, 0o755)
         progress("python and the agent")
         _stage_python(extract, stage, pyver, agent_src, progress)
         progress("writing the initramfs")

@@ -7,10 +7,10 @@ load the uncompressed ELF ``vmlinux`` directly through its PVH entry point.
 from __future__ import annotations
 
 import lzma
-import os
 from pathlib import Path
 
 from ..errors import BuildError
+from ..fsutil import atomic_path
 
 __all__ = ["extract_vmlinux", "is_elf"]
 
@@ -32,11 +32,9 @@ def extract_vmlinux(bzimage: str | Path, out: str | Path) -> Path:
         except lzma.LZMAError:
             elf = b""
         if elf[:4] == b"\x7fELF":
-            out = Path(out)
-            tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-            tmp.write_bytes(elf)
-            os.replace(tmp, out)
-            return out
+            with atomic_path(out) as tmp:
+                tmp.write_bytes(elf)
+            return Path(out)
         start = data.find(_XZ_MAGIC, start + 1)
     raise BuildError(f"{bzimage}: no XZ-compressed ELF payload found",
                      hint="only XZ-compressed kernels (Debian's) can be unpacked for PVH boot")

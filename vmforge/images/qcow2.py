@@ -15,6 +15,7 @@ from typing import Any
 
 from .. import run
 from ..errors import ImageError
+from ..fsutil import atomic_path
 
 __all__ = ["ImageInfo", "image_info", "create_overlay", "create_blank", "convert", "GIB",
            "probe_format", "overlay_bytes"]
@@ -146,15 +147,11 @@ def convert(src: str | Path, dst: str | Path, *, fmt: str = "qcow2", compress: b
             src_format: str | None = None) -> Path:
     """Flatten ``src`` (and its backing chain) into a standalone image, atomically."""
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
     argv = [_qemu_img(), "convert", "-O", fmt]
     if src_format:
         argv += ["-f", src_format]
     if compress:
         argv.append("-c")
-    try:
+    with atomic_path(dst) as tmp:
         run.run(argv + [str(src), str(tmp)], what="qemu-img convert")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
     return dst

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from ..errors import SeedError
+from ..fsutil import atomic_path
 from .build import Seed
 from .iso9660 import build_iso
 from .vfat import vfat_regions
@@ -20,12 +21,8 @@ def write_iso(seed: Seed, path: str | Path, mtime: float | None = None) -> Path:
     with Joliet and Rock Ridge names, atomically."""
     path = Path(path)
     data = build_iso(seed.files(), LABEL, mtime)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -33,8 +30,7 @@ def write_vfat(seed: Seed, path: str | Path, mtime: float | None = None) -> Path
     """Write the seed as a FAT image labelled CIDATA (as `cloud-localds -f vfat`)."""
     path = Path(path)
     size, regions = vfat_regions(seed.files(), LABEL.upper(), mtime)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             for off, data in regions:  # the rest stays a hole: the image is mostly zeros
@@ -42,9 +38,6 @@ def write_vfat(seed: Seed, path: str | Path, mtime: float | None = None) -> Path
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
