@@ -72,7 +72,7 @@ def main() -> None:
                 if agent and i == 0:
                     execs, pings = asyncio.run(round_trips(m.get(req.name).agent_endpoint,
                                                            args.execs))
-                m.delete(req.name, force=True)
+                m.delete(req.name, force=True, stop_timeout=0)
     finally:
         m.close()
         shutil.rmtree(tmp, ignore_errors=True)

@@ -97,7 +97,7 @@ def main() -> None:
             ours_boot.append(time.perf_counter() - t0)
             if i == 0:
                 execs, sshs, cps, scps = same_guest(rec.agent_endpoint, key, port, big, args.execs)
-            m.delete(req.name, force=True)
+            m.delete(req.name, force=True, stop_timeout=0)
 
             # The same image, a cloud-localds seed, a bare qemu command, ssh polling.
             (tmp / "ud").write_text(user_data(pub))

@@ -96,7 +96,7 @@ def bench_boot(tmp: Path, n: int) -> tuple[list[float], list[float]]:
         t0 = time.perf_counter()
         m.run(req, timeout=120)
         ours.append(time.perf_counter() - t0)
-        m.delete(req.name, force=True)
+        m.delete(req.name, force=True, stop_timeout=0)
 
         log = tmp / "bare.log"
         log.write_bytes(b"")

@@ -216,7 +216,7 @@ def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
         raise
     finally:
         try:
-            manager.delete(vm_name, force=True)
+            manager.delete(vm_name, force=True, stop_timeout=0)
         except VmforgeError:
             pass
         shutil.rmtree(work, ignore_errors=True)

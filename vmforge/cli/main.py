@@ -154,8 +154,8 @@ def kill(names: Annotated[list[str], typer.Argument(help="VM name(s).")]) -> Non
 @app.command("rm")
 def rm_cmd(
     names: Annotated[list[str], typer.Argument(help="VM name(s).")],
-    force: Annotated[bool, typer.Option("-f", "--force", help="Kill running VMs first.")]
-    = False,
+    force: Annotated[bool, typer.Option("-f", "--force",
+                     help="Stop running VMs first (gracefully, then by force).")] = False,
 ) -> None:
     """Delete VM(s) and their directories."""
     with errors_reported():

@@ -342,12 +342,19 @@ class VmManager:
             qemu_proc.kill(rec.pid, str(rec.paths.qmp))
         self._set(name, state="stopped", pid=None, stopped_at=time.time())
 
-    def delete(self, name: str, *, force: bool = False) -> None:
+    def delete(self, name: str, *, force: bool = False, stop_timeout: float = 10.0) -> None:
+        """Remove a VM. ``force`` stops a running one first: gracefully within
+        ``stop_timeout`` seconds (0: kill at once), then by SIGKILL."""
         rec = self.get(name)
         if rec.state in ("running", "starting", "stopping"):
             if not force:
                 raise InvalidState(f"VM {name} is {rec.state}",
                                    hint=f"stop it first or use `vmforge rm -f {name}`")
+            if rec.state == "running" and stop_timeout > 0:
+                try:
+                    self.stop(name, timeout=stop_timeout)
+                except VmError:
+                    pass
             if rec.pid:
                 qemu_proc.kill(rec.pid, str(rec.paths.qmp))
         shutil.rmtree(rec.dir, ignore_errors=True)
@@ -379,8 +386,8 @@ class VmManager:
             if keep_on_failure:
                 self._set(req.name, last_error=str(exc)[:2000])
             else:
-                try:
-                    self.delete(req.name, force=True)
+                try:  # it never became usable: no point in a graceful stop
+                    self.delete(req.name, force=True, stop_timeout=0)
                 except VmError:
                     pass
             raise
