@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, pct  # noqa: E402
 
 from vmforge.agent.client import AgentClient  # noqa: E402
-from vmforge.build.minimal import build_minimal  # noqa: E402
+from vmforge.build.builtin import register_minimal  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402
 from vmforge.spec import parse_request  # noqa: E402
@@ -55,10 +55,7 @@ def main() -> None:
     data = DataDir(tmp / "data").ensure()
     m = VmManager(data)
     try:
-        art = build_minimal(data.cache)
-        m.library.add("minimal", {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
-                                  "initrd": art.initrd}, kind="kernel", cmdline=art.cmdline,
-                      recipe={"agent": True})
+        register_minimal(m.library, data.cache)
         m.host()
         agent_boot, marker_boot = [], []
         for i in range(args.boots):

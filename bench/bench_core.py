@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, timed  # noqa: E402
 
-from vmforge.build.minimal import READY_MARKER, build_minimal  # noqa: E402
+from vmforge.build.builtin import register_minimal  # noqa: E402
+from vmforge.build.minimal import READY_MARKER  # noqa: E402
 from vmforge.images import qcow2  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402
@@ -83,10 +84,7 @@ def bench_overlay(tmp: Path, n: int) -> tuple[list[float], list[float]]:
 def bench_boot(tmp: Path, n: int) -> tuple[list[float], list[float]]:
     data = DataDir(tmp / "data").ensure()
     m = VmManager(data)
-    art = build_minimal(data.cache)
-    img = m.library.add("minimal", {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
-                                    "initrd": art.initrd}, kind="kernel", cmdline=art.cmdline,
-                        recipe={"agent": True})
+    img = register_minimal(m.library, data.cache)
     m.host()  # probe once (cached), as any real use would have
     ours, theirs = [], []
     for i in range(n):
@@ -103,7 +101,7 @@ def bench_boot(tmp: Path, n: int) -> tuple[list[float], list[float]]:
         argv = ["qemu-system-x86_64", "-machine", "q35,accel=tcg", "-cpu", "qemu64", "-m", "256",
                 "-nodefaults", "-no-user-config", "-display", "none",
                 "-kernel", str(img.path("vmlinux")), "-initrd", str(img.path("initrd")),
-                "-append", f"{art.cmdline} vmforge.id=bare", "-chardev",
+                "-append", f"{img.cmdline} vmforge.id=bare", "-chardev",
                 f"file,id=c,path={log}", "-serial", "chardev:c",
                 "-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0",
                 "-device", "virtio-rng-pci"]

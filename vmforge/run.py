@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .errors import CommandError, HostError
 
-__all__ = ["Completed", "run", "spawn", "find_binary", "require_binary", "set_guard"]
+__all__ = ["Completed", "run", "find_binary", "require_binary", "set_guard"]
 
 log = logging.getLogger("vmforge.run")
 
@@ -90,20 +90,6 @@ def run(argv: Sequence[str], *, input: bytes | None = None, check: bool = True,
         raise CommandError(argv, proc.returncode, proc.stderr.decode(errors="replace"),
                            what=what, hint=hint)
     return Completed(argv, proc.returncode, proc.stdout, proc.stderr)
-
-
-def spawn(argv: Sequence[str], *, stdout: int | None = subprocess.DEVNULL,
-          stderr: int | None = subprocess.PIPE, env: Mapping[str, str] | None = None,
-          cwd: str | Path | None = None, new_session: bool = True) -> subprocess.Popen[bytes]:
-    """Start a long-lived child; the caller owns it and must stop it."""
-    argv = [str(a) for a in argv]
-    _check(argv)
-    log.debug("spawn: %s", redact(argv))
-    try:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                env=_env(env), cwd=cwd, start_new_session=new_session)
-    except FileNotFoundError as exc:
-        raise HostError(f"{argv[0]} is not installed", hint="run `vmforge doctor`") from exc
 
 
 def find_binary(name: str) -> str | None:

@@ -155,7 +155,7 @@ async def _customise(sock: str, recipe: GoldenRecipe, base_dir: Path, out: Path,
 def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
                  progress: Progress = lambda _m: None) -> list[Image]:
     """Build the recipe; returns the new library image(s). The build VM is always removed."""
-    from ..hypervisors.qemu_proc import pid_alive
+    from ..hypervisors.qemu_proc import wait_gone
     from ..spec import parse_request
 
     library: Library = manager.library
@@ -175,15 +175,7 @@ def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
         progress(f"booting {base.ref} as {vm_name}")
         rec = manager.run(req, timeout=600, progress=progress)
         asyncio.run(_customise(rec.agent_endpoint, recipe, base_dir, work, progress))
-        deadline_ok = False
-        import time
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if not pid_alive(rec.pid, str(rec.paths.qmp)):
-                deadline_ok = True
-                break
-            time.sleep(0.2)
-        if not deadline_ok:
+        if rec.pid is None or not wait_gone(rec.pid, str(rec.paths.qmp), 120):
             raise BuildError("the build VM did not power off after sealing")
         manager.get(vm_name)  # reconcile state
         overlay = rec.paths.disk("root")

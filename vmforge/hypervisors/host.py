@@ -12,11 +12,11 @@ import os
 import platform
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import run
-from ..errors import HostError
+from ..errors import CommandError, HostError
 
 __all__ = ["HostFacts", "probe_host", "probe_kvm", "probe_qemu", "probe_ovmf", "probe_tsc_khz",
            "KvmVerdict"]
@@ -76,11 +76,11 @@ def _boot_probe(qemu: str, kernel: str, timeout: float) -> KvmVerdict:
             "-kernel", kernel, "-append", "console=ttyS0 panic=-1 loglevel=4"]
     try:
         res = run.run(argv, timeout=timeout, check=False, what="KVM probe")
-    except Exception as exc:  # timeout: the kernel hung under KVM
-        if "timed out" in str(exc):
-            return KvmVerdict(False, f"a test kernel hung under KVM for {timeout:.0f}s "
-                                     "(typical of broken nested virtualisation)")
-        raise
+    except CommandError as exc:
+        if exc.returncode is not None:
+            raise
+        return KvmVerdict(False, f"a test kernel hung under KVM for {timeout:.0f}s "
+                                 "(typical of broken nested virtualisation)")
     out = res.stdout.decode(errors="replace")
     if "Kernel panic" in out or "VFS" in out or "Linux version" in out:
         return KvmVerdict(True, "a test kernel booted under KVM")
@@ -137,6 +137,3 @@ def probe_host(*, probe_kernel: str | None = None, cache_dir: Path | None = None
                      tsc_khz=probe_tsc_khz(),
                      vsock=os.access("/dev/vhost-vsock", os.R_OK | os.W_OK))
 
-
-def facts_dict(h: HostFacts) -> dict[str, object]:
-    return asdict(h)

@@ -19,7 +19,7 @@ from .host import HostFacts
 from .plan import LaunchPlan
 from .qemu import qemu_argv
 
-__all__ = ["launch", "qmp", "pid_alive", "stop", "kill", "console_tail"]
+__all__ = ["launch", "qmp", "pid_alive", "wait_gone", "stop", "kill", "console_tail"]
 
 
 def console_tail(path: str | Path, lines: int = 25) -> str:
@@ -93,7 +93,7 @@ def qmp(socket_path: str | Path, command: str, args: dict[str, Any] | None = Non
     return asyncio.run(_qmp(str(socket_path), command, args, timeout))
 
 
-def _wait_gone(pid: int, marker: str | None, timeout: float) -> bool:
+def wait_gone(pid: int, marker: str | None, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not pid_alive(pid, marker):
@@ -108,7 +108,7 @@ def kill(pid: int, marker: str | None = None) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
-        _wait_gone(pid, marker, 10)
+        wait_gone(pid, marker, 10)
 
 
 def stop(pid: int, qmp_socket: str, *, timeout: float = 30.0, marker: str | None = None,
@@ -119,13 +119,13 @@ def stop(pid: int, qmp_socket: str, *, timeout: float = 30.0, marker: str | None
     if graceful:
         try:
             qmp(qmp_socket, "system_powerdown")
-            if _wait_gone(pid, marker, timeout):
+            if wait_gone(pid, marker, timeout):
                 return "powerdown"
         except Exception:  # noqa: BLE001 - fall through to the harder ways
             pass
     try:
         qmp(qmp_socket, "quit", timeout=5)
-        if _wait_gone(pid, marker, 5):
+        if wait_gone(pid, marker, 5):
             return "quit"
     except Exception:  # noqa: BLE001
         pass

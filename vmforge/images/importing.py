@@ -12,7 +12,7 @@ __all__ = ["import_disk"]
 
 
 def import_disk(library: Library, path: str | Path, name: str, *, source: str,
-                expected_sha256: str | None = None, move: bool = False,
+                move: bool = False,
                 parent: Image | None = None, recipe: dict[str, object] | None = None) -> Image:
     path = Path(path)
     info = qcow2.image_info(path)
@@ -22,7 +22,5 @@ def import_disk(library: Library, path: str | Path, name: str, *, source: str,
     if info.backing_file and parent is None:
         raise ImageError(f"{path.name} has a backing file ({info.backing_file})",
                          hint="flatten it first: qemu-img convert -O qcow2 IN OUT")
-    if expected_sha256:
-        library.store_file(path, expected_sha256=expected_sha256, move=False)
     return library.add(name, {"disk": path}, kind="disk", format=info.format, source=source,
                        virtual_size=info.virtual_size, parent=parent, recipe=recipe, move=move)

@@ -177,9 +177,9 @@ class VmManager:
             from ..errors import HostError
             raise HostError(f"hypervisor {req.spec.hypervisor!r} is not available here",
                             hint="use hypervisor: qemu (the default)")
-        planmod.check_inputs(req, self.library)  # bad input fails before any host probe
+        inputs = planmod.check_inputs(req, self.library)  # fails before any host probe
         host = self.host(req.spec.accel)
-        inputs = planmod.check_inputs(req, self.library, host)
+        planmod.check_host(req, host)
         final = self.data.vms / req.name
         try:
             with self.db.tx() as c:
@@ -221,7 +221,8 @@ class VmManager:
             host = self.host(rec.request.spec.accel)
             if host.accel == "tcg":
                 progress(f"KVM unavailable ({host.accel_reason}); using TCG (slower)")
-            inputs = planmod.check_inputs(rec.request, self.library, host)
+            inputs = planmod.check_inputs(rec.request, self.library)
+            planmod.check_host(rec.request, host)
             lp = planmod.launch_plan(rec.request, inputs, rec.paths, host)
             started = time.time()
             pid = qemu_proc.launch(lp, host)

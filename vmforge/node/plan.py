@@ -18,7 +18,8 @@ from ..images.library import Image, Library
 from ..paths import VmPaths
 from ..spec import BootDevice, Firmware, VmRequest
 
-__all__ = ["Inputs", "check_inputs", "prepare_artifacts", "launch_plan", "agent_vsock_cid"]
+__all__ = ["Inputs", "check_inputs", "check_host", "prepare_artifacts", "launch_plan",
+           "agent_vsock_cid"]
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ def _must_exist(path: str | None, field: str, what: str) -> None:
                         hint="give an existing file (relative paths are relative to the spec)")
 
 
-def check_inputs(req: VmRequest, library: Library, host: HostFacts | None = None) -> Inputs:
+def check_inputs(req: VmRequest, library: Library) -> Inputs:
     spec = req.spec
     disk_images: dict[str, Image] = {}
     for i, d in enumerate(spec.disks):
@@ -75,10 +76,14 @@ def check_inputs(req: VmRequest, library: Library, host: HostFacts | None = None
         else:
             _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
             _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
-    if spec.firmware is Firmware.UEFI and host is not None and not host.ovmf_code:
+    return Inputs(disk_images, kernel_image)
+
+
+def check_host(req: VmRequest, host: HostFacts) -> None:
+    """What the spec needs from the host beyond its own files."""
+    if req.spec.firmware is Firmware.UEFI and not host.ovmf_code:
         raise SpecError("UEFI needs OVMF, which is not installed", field="spec.firmware",
                         hint="apt-get install ovmf")
-    return Inputs(disk_images, kernel_image)
 
 
 def needs_seed(req: VmRequest, inputs: Inputs) -> bool:
