@@ -149,3 +149,14 @@ def test_disk_image_with_kernel_boots_directly_unless_firmware_mode() -> None:
         assert ("-kernel" in argv) is direct
         assert ("root=LABEL=cloudimg-rootfs ro console=ttyS0 vmforge.id=vm1" in argv) is direct
         assert any("drive=root,serial=root,bootindex=1" in a for a in argv) is not direct
+
+
+def test_network_boot_order_reaches_the_nic() -> None:
+    argv = qemu_argv(plan_for({
+        "boot_order": ["BOOT_DEVICE_NETWORK", "BOOT_DEVICE_DISK"],
+        "disks": [{"id": "root", "size_gib": 10, "bootable": True}]}), HOST)
+    assert "virtio-net-pci,netdev=net0,bootindex=1" in argv
+    assert any(a.endswith("drive=root,serial=root,bootindex=2") for a in argv)
+    plain = qemu_argv(plan_for({"disks": [{"id": "root", "size_gib": 1, "bootable": True}]}),
+                      HOST)
+    assert "virtio-net-pci,netdev=net0" in plain  # no network boot unless asked

@@ -54,4 +54,5 @@ class LaunchPlan:
     kernel: KernelPlan | None = None
     uefi_vars: str | None = None
     vsock_cid: int | None = None  # set: the agent talks AF_VSOCK instead of virtio-serial
+    net_bootindex: int | None = None  # PXE from the first NIC at this place in the order
     extra_args: tuple[str, ...] = field(default=())

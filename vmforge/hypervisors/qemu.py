@@ -80,13 +80,15 @@ def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> l
     if plan.seed:
         argv += ["-drive", f"file={plan.seed},if=none,id=cidata,format=raw,readonly=on",
                  "-device", f"{virtio_device('blk', plan.machine)},drive=cidata,serial=cidata"]
-    for nic in plan.nics:
+    for i, nic in enumerate(plan.nics):
         netdev = f"user,id={nic.id}"
         for fw in nic.forwards:
             netdev += f",hostfwd={fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"
         dev = f"{virtio_device('net', plan.machine)},netdev={nic.id}"
         if nic.mac:
             dev += f",mac={nic.mac}"
+        if i == 0 and plan.net_bootindex is not None:
+            dev += f",bootindex={plan.net_bootindex}"
         argv += ["-netdev", netdev, "-device", dev]
     if plan.agent_socket:
         argv += ["-chardev", f"socket,id=agent,path={plan.agent_socket},server=on,wait=off",

@@ -142,7 +142,7 @@ def _boot_indexes(req: VmRequest) -> tuple[dict[str, int], int | None]:
 
 def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts) -> LaunchPlan:
     spec = req.spec
-    idx, _net = _boot_indexes(req)
+    idx, net_index = _boot_indexes(req)
     if inputs.kernel_image and not spec.kernel and spec.boot_disk:
         idx.pop(spec.boot_disk.id, None)  # booted directly: the disk's bootloader is unused
     disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
@@ -179,7 +179,7 @@ def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts)
         disks=disks, cdroms=cdroms, seed=str(paths.seed) if paths.seed.exists() else None,
         nics=spec.nics, kernel=kernel,
         uefi_vars=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
-        vsock_cid=cid)
+        vsock_cid=cid, net_bootindex=net_index if spec.nics else None)
 
 
 def agent_vsock_cid(req: VmRequest, host: HostFacts) -> int | None:
