@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, pct  # noqa: E402
 
 from vmforge.agent.client import AgentClient  # noqa: E402
-from vmforge.build.builtin import register_minimal  # noqa: E402
+from vmforge.builders.builtin import register_minimal  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402
 from vmforge.spec import parse_request  # noqa: E402

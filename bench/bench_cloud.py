@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import fmt, table  # noqa: E402
 
 from vmforge.agent.client import AgentClient  # noqa: E402
-from vmforge.build.builtin import register_debian  # noqa: E402
+from vmforge.builders.builtin import register_debian  # noqa: E402
 from vmforge.images import qcow2  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402

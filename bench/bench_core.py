@@ -22,8 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import table, timed  # noqa: E402
 
-from vmforge.build.builtin import register_minimal  # noqa: E402
-from vmforge.build.minimal import READY_MARKER  # noqa: E402
+from vmforge.builders.builtin import register_minimal  # noqa: E402
+from vmforge.builders.minimal import READY_MARKER  # noqa: E402
 from vmforge.images import qcow2  # noqa: E402
 from vmforge.node.manager import VmManager  # noqa: E402
 from vmforge.paths import DataDir  # noqa: E402

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import pytest
 
 from vmforge.agent.client import AgentClient
-from vmforge.build.builtin import register_minimal
+from vmforge.builders.builtin import register_minimal
 from vmforge.node.manager import VmManager
 from vmforge.paths import DataDir
 from vmforge.spec import VmRequest, parse_request
@@ -88,7 +88,7 @@ def repo_root() -> Path:
 @pytest.fixture(scope="session")
 def debian_image(vm_data: DataDir) -> str:
     """The Debian cloud image, built once per recipe (cached outside the repo)."""
-    from vmforge.build.builtin import register_debian
+    from vmforge.builders.builtin import register_debian
 
     m = VmManager(vm_data)
     try:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmforge.build.golden import build_golden, load_recipe
+from vmforge.builders.golden import build_golden, load_recipe
 from vmforge.images import qcow2
 
 from .conftest import VmHelper

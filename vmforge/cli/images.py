@@ -23,7 +23,7 @@ def build_minimal_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Kernel + busybox + python + agent initramfs from Debian packages (direct kernel boot)."""
-    from ..build.builtin import register_minimal
+    from ..builders.builtin import register_minimal
 
     with errors_reported():
         m = manager()
@@ -49,8 +49,8 @@ def build_debian_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """A cloud image from Debian packages (debootstrap, cloud-init NoCloud, ssh, python3)."""
-    from ..build.builtin import register_debian
-    from ..build.debian import DebianRecipe
+    from ..builders.builtin import register_debian
+    from ..builders.debian import DebianRecipe
 
     with errors_reported():
         m = manager()
@@ -71,7 +71,7 @@ def build_golden_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Boot a base image, copy files, install units, run commands, seal; store the result."""
-    from ..build.golden import build_golden, load_recipe
+    from ..builders.golden import build_golden, load_recipe
 
     with errors_reported():
         rec, base_dir = load_recipe(recipe)

@@ -164,7 +164,7 @@ class VmManager:
     # -- lifecycle
     def ensure_images(self, req: VmRequest, progress: Progress = lambda _m: None) -> None:
         """Build the built-in images (minimal, debian) a spec names but the library lacks."""
-        from ..build.builtin import ensure_builtin
+        from ..builders.builtin import ensure_builtin
         refs = [d.image for d in req.spec.disks if d.image]
         if req.spec.kernel and req.spec.kernel.image:
             refs.append(req.spec.kernel.image)
@@ -281,7 +281,7 @@ class VmManager:
             await client.close()
 
     def _wait_marker(self, rec: VmRecord, timeout: float) -> float:
-        from ..build.minimal import READY_MARKER
+        from ..builders.minimal import READY_MARKER
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
