@@ -56,10 +56,6 @@ class VmPaths:
         return self.dir / "console.log"
 
     @property
-    def pidfile(self) -> Path:
-        return self.dir / "qemu.pid"
-
-    @property
     def seed(self) -> Path:
         return self.dir / "seed.iso"
 
@@ -92,6 +88,10 @@ class DataDir:
         return self.root / "images"
 
     @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
     def cache(self) -> Path:
         return default_cache_dir()
 
@@ -99,6 +99,16 @@ class DataDir:
         return VmPaths(self.vms / name)
 
     def ensure(self) -> DataDir:
-        for p in (self.root, self.vms, self.images):
-            p.mkdir(parents=True, exist_ok=True)
+        """Create the directories, owner-only: stored specs and seeds carry user-data, which
+        may hold passwords and tokens."""
+        for p in (self.root, self.vms, self.images, self.locks):
+            try:
+                p.mkdir(parents=True, exist_ok=True, mode=0o700)
+                if p.stat().st_mode & 0o077:
+                    p.chmod(0o700)
+            except OSError as exc:
+                from .errors import VmforgeError
+                raise VmforgeError(f"cannot use the data directory {p}: {exc.strerror}",
+                                   hint="pick another with --data-dir or $VMFORGE_HOME, or fix "
+                                        "its permissions") from None
         return self

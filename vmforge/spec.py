@@ -25,10 +25,12 @@ from pydantic import (
     model_validator,
 )
 
+from . import yamlload
 from .errors import SpecError
 
 __all__ = [
-    "Firmware", "BootDevice", "Machine", "DiskFormat", "Disk", "Cdrom", "CloudInit",
+    "Firmware", "BootDevice", "Machine", "DiskFormat", "Backend", "AccelChoice", "BootMode",
+    "AgentTransport", "Protocol", "Disk", "Cdrom", "CloudInit",
     "PortForward", "Nic", "KernelBoot", "AgentSpec", "HealthCheck", "ProvisionStep",
     "VmSpec", "VmRequest", "NAME_RE", "validate_name", "load_request", "parse_request",
     "dump_request",
@@ -89,6 +91,36 @@ class DiskFormat(enum.StrEnum):
     RAW = "raw"
 
 
+class Backend(enum.StrEnum):
+    """The hypervisor a spec runs on; each has a driver (vmforge.hypervisors)."""
+    QEMU = "qemu"
+    LIBVIRT = "libvirt"
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
+    FIRECRACKER = "firecracker"
+
+
+class AccelChoice(enum.StrEnum):
+    AUTO = "auto"  # KVM when a probe proved it boots guests here, else TCG
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class BootMode(enum.StrEnum):
+    AUTO = "auto"          # a library disk image that carries its kernel boots it directly
+    FIRMWARE = "firmware"  # always through BIOS/UEFI and the disk's own bootloader
+
+
+class AgentTransport(enum.StrEnum):
+    AUTO = "auto"  # AF_VSOCK where the host has /dev/vhost-vsock, else virtio-serial
+    VIRTIO_SERIAL = "virtio-serial"
+    VSOCK = "vsock"
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
 FirmwareField = Annotated[Firmware, _enum_alias("FIRMWARE_")]
 BootDeviceField = Annotated[BootDevice, _enum_alias("BOOT_DEVICE_")]
 
@@ -139,7 +171,7 @@ class CloudInit(_Model):
 class PortForward(_Model):
     host_port: int = Field(ge=0, le=65535)
     guest_port: int = Field(ge=1, le=65535)
-    protocol: str = Field(default="tcp", pattern="^(tcp|udp)$")
+    protocol: Protocol = Protocol.TCP
     host_addr: str = "127.0.0.1"
 
 
@@ -168,8 +200,7 @@ class KernelBoot(_Model):
 class AgentSpec(_Model):
     enabled: bool = True
     inject: bool = True  # add the agent to cloud-init user-data of cloud images
-    # auto: AF_VSOCK where the host has /dev/vhost-vsock, else virtio-serial
-    transport: str = Field(default="auto", pattern="^(auto|virtio-serial|vsock)$")
+    transport: AgentTransport = AgentTransport.AUTO
 
 
 class HealthCheck(_Model):
@@ -231,15 +262,13 @@ class VmSpec(_Model):
     cdroms: tuple[Cdrom, ...] = ()
     nics: tuple[Nic, ...] = (Nic(),)
     kernel: KernelBoot | None = None
-    # auto: a library disk image that carries its kernel boots directly from it (fast);
-    # firmware: always through BIOS/UEFI and the disk's own bootloader, like a stock image.
-    boot_mode: str = Field(default="auto", pattern="^(auto|firmware)$")
+    boot_mode: BootMode = BootMode.AUTO
     cloud_init: CloudInit | None = None
     agent: AgentSpec = AgentSpec()
     health_checks: tuple[HealthCheck, ...] = ()
     provision: tuple[ProvisionStep, ...] = ()
-    accel: str = Field(default="auto", pattern="^(auto|kvm|tcg)$")
-    hypervisor: str = Field(default="qemu", pattern="^(qemu|libvirt|cloud-hypervisor|firecracker)$")
+    accel: AccelChoice = AccelChoice.AUTO
+    hypervisor: Backend = Backend.QEMU
 
     @model_validator(mode="after")
     def _consistent(self) -> VmSpec:
@@ -291,6 +320,15 @@ def _loc(loc: tuple[int | str, ...]) -> str:
     return out or "(top level)"
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """The offending input, cut short: error messages never echo a whole (hostile) document."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 5] + " ...>"
+
+
 def spec_error_from(exc: ValidationError, source: str = "") -> SpecError:
     lines = []
     first_field = None
@@ -304,11 +342,11 @@ def spec_error_from(exc: ValidationError, source: str = "") -> SpecError:
         elif err["type"] == "missing":
             msg = "required field is missing"
         elif err["type"] == "enum":
-            msg = f"{msg} (got {err.get('input')!r})"
+            msg = f"{msg} (got {_quote(err.get('input'))})"
         elif msg.startswith("Value error, "):
             msg = msg[len("Value error, "):]
         elif "input" in err and err["type"] not in ("model_type",):
-            msg = f"{msg} (got {err['input']!r})"
+            msg = f"{msg} (got {_quote(err['input'])})"
         lines.append(f"{field}: {msg}")
     where = f"{source}: " if source else ""
     error = SpecError(where + "; ".join(lines), hint="fix the field(s) named above")
@@ -326,14 +364,19 @@ def parse_request(data: Any, source: str = "") -> VmRequest:
 
 
 def load_document(text: str, source: str) -> Any:
-    """Parse YAML (a superset of JSON); errors carry line and column."""
+    """Parse YAML (a superset of JSON); errors carry line and column.
+
+    The loader is :mod:`vmforge.yamlload`'s: duplicate keys, alias bombs and absurd nesting
+    are refused before anything walks the data, and no message quotes the (expanded) input.
+    """
     try:
-        return yaml.safe_load(text)
+        return yamlload.load(text)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        pos = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"
-        raise SpecError(f"{source}: invalid YAML at {pos}: {exc.problem}",
-                        hint="fix the syntax at that position") from None
+        pos = f"at {yamlload.describe_mark(mark)}" if mark else "(position unknown)"
+        kind = "refused YAML" if isinstance(exc, yamlload.DocumentLimitError) else "invalid YAML"
+        raise SpecError(f"{source}: {kind} {pos}: {exc.problem}",
+                        hint="fix the document at that position") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{source}: invalid YAML: {exc}") from None
 

@@ -7,8 +7,6 @@ every VM a test starts is killed by PID and deleted at teardown, even when the t
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,6 +15,7 @@ import pytest
 
 from vmforge.agent.client import AgentClient
 from vmforge.builders.builtin import register_minimal
+from vmforge.errors import VmNotFound
 from vmforge.node.manager import VmManager
 from vmforge.paths import DataDir
 from vmforge.spec import VmRequest, parse_request
@@ -45,7 +44,7 @@ class VmHelper:
 
     def run(self, name: str, **spec: Any) -> Any:
         self.names.append(name)
-        return self.manager.run(self.request(name, **spec), timeout=240)
+        return asyncio.run(self.manager.run(self.request(name, **spec), timeout=240))
 
     def agent(self, name: str) -> AgentClient:
         return AgentClient(self.manager.get(name).agent_endpoint)
@@ -57,17 +56,13 @@ class VmHelper:
         return asyncio.run(go())
 
     def cleanup(self) -> None:
+        """Remove every VM the test made; ``delete`` kills its hypervisor process by the
+        recorded handle, checked against PID reuse, and whatever ``find`` sees for it."""
         for name in self.names:
             try:
-                rec = self.manager.get(name, reconcile=False)
-            except Exception:  # noqa: BLE001 - already deleted by the test
+                asyncio.run(self.manager.delete(name, force=True, stop_timeout=0))
+            except VmNotFound:
                 continue
-            if rec.pid:
-                try:
-                    os.kill(rec.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.manager.delete(name, force=True)
         self.manager.close()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -9,7 +10,8 @@ import time
 import pytest
 
 from vmforge.errors import InvalidState
-from vmforge.hypervisors.qemu_proc import pid_alive
+from vmforge.hypervisors.base import StopOutcome
+from vmforge.hypervisors.qemu.driver import pid_alive
 from vmforge.seed import Seed, write_iso
 
 from .conftest import VmHelper
@@ -30,18 +32,18 @@ def test_run_boots_to_agent_ready(vms: VmHelper) -> None:
 def test_stop_start_delete(vms: VmHelper) -> None:
     rec = vms.run("cycle")
     pid = rec.pid
-    assert vms.manager.stop("cycle", timeout=30) == "agent"
+    assert asyncio.run(vms.manager.stop("cycle", timeout=30)) is StopOutcome.AGENT
     rec = vms.manager.get("cycle")
-    assert rec.state == "stopped" and rec.pid is None
+    assert rec.state == "stopped" and rec.pid is None and not pid_alive(pid)
     assert not pid_alive(pid)
     with pytest.raises(InvalidState):
-        vms.manager.stop("cycle")
+        asyncio.run(vms.manager.stop("cycle"))
     vms.manager.start("cycle")
-    rec = vms.manager.wait_ready("cycle", 240)
+    rec = asyncio.run(vms.manager.wait_ready("cycle", 240))
     assert rec.state == "running" and rec.pid != pid
     with pytest.raises(InvalidState, match="rm -f"):
-        vms.manager.delete("cycle")
-    vms.manager.delete("cycle", force=True)
+        asyncio.run(vms.manager.delete("cycle"))
+    asyncio.run(vms.manager.delete("cycle", force=True))
     assert not rec.dir.exists()
     assert [r.name for r in vms.manager.vms()] == []
 
@@ -57,14 +59,14 @@ def test_kill_9_of_qemu_shows_crashed(vms: VmHelper) -> None:
     assert after.state == "crashed"
     assert after.last_error and "unexpectedly" in after.last_error
     vms.manager.start("victim")  # a crashed VM can be started again
-    assert vms.manager.wait_ready("victim", 240).state == "running"
+    assert asyncio.run(vms.manager.wait_ready("victim", 240)).state == "running"
 
 
 def test_acpi_powerdown_without_agent(vms: VmHelper) -> None:
     """No agent: readiness from the serial marker, stop through the ACPI power button."""
     rec = vms.run("acpi", agent={"enabled": False})
     assert rec.boot_seconds
-    assert vms.manager.stop("acpi", timeout=60) == "powerdown"
+    assert asyncio.run(vms.manager.stop("acpi", timeout=60)) is StopOutcome.ACPI
 
 
 def test_uefi_boot_of_minimal_image(vms: VmHelper) -> None:
@@ -105,7 +107,7 @@ def test_two_phase_provisioning(vms: VmHelper, tmp_path: object) -> None:
         {"run": ["sh", "-c", "cat /etc/app/app.conf > /run/configured"]},
         {"wait_health": True, "timeout_s": 30}],
         health_checks=[{"command": ["test", "-f", "/run/configured"]}])
-    vms.manager.run(req, timeout=240)
+    asyncio.run(vms.manager.run(req, timeout=240))
     res = vms.call("prov", lambda c: c.exec(["cat", "/run/configured"]))
     assert res.stdout == b"port=2280\n"
 
@@ -118,7 +120,7 @@ def test_failing_provision_step_is_reported_and_cleaned_up(vms: VmHelper) -> Non
         {"name": "configure app", "shell": "echo config missing >&2; exit 4",
          "timeout_s": 30}])
     with pytest.raises(ProvisionError) as exc:
-        vms.manager.run(req, timeout=240)
+        asyncio.run(vms.manager.run(req, timeout=240))
     assert exc.value.step == "configure app"
     assert "exit code 4" in str(exc.value) and "config missing" in exc.value.output
     assert [r.name for r in vms.manager.vms()] == []  # nothing left behind

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from pathlib import Path
 
 import pytest
 
 from vmforge.errors import SpecError, VmExists
-from vmforge.hypervisors.host import HostFacts
 from vmforge.node.manager import VmManager
 from vmforge.paths import DataDir
 from vmforge.spec import parse_request
+
+from ..fakes import fake_host
 
 
 @pytest.fixture
 def mgr(tmp_path: Path) -> VmManager:
     m = VmManager(DataDir(tmp_path / "data"),
-                  host=HostFacts(ovmf_vars=str(tmp_path / "no-such-vars.fd")))
+                  host=fake_host(ovmf_vars=str(tmp_path / "no-such-vars.fd")))
     k = tmp_path / "k"
     k.write_bytes(b"kernel")
     m.library.add("minimal", {"kernel": k, "vmlinux": k, "initrd": k}, kind="kernel")
@@ -49,11 +51,10 @@ def test_missing_cdrom_and_unknown_image(mgr: VmManager) -> None:
     nothing_left(mgr, "a")
 
 
-def test_failure_midway_rolls_back(mgr: VmManager) -> None:
-    # UEFI vars template missing: fails after the row and temp dir exist.
+def test_missing_ovmf_vars_is_a_spec_error(mgr: VmManager) -> None:
     req = parse_request({"name": "a", "spec": {"firmware": "uefi",
                                                "kernel": {"image": "minimal"}}})
-    with pytest.raises(OSError):
+    with pytest.raises(SpecError, match="spec.firmware"):
         mgr.create(req)
     nothing_left(mgr, "a")
 
@@ -63,7 +64,7 @@ def test_racing_creates_of_one_name(mgr: VmManager) -> None:
     results: list[object] = []
 
     def go() -> None:
-        m = VmManager(mgr.data, host=HostFacts())
+        m = VmManager(mgr.data, host=fake_host())
         try:
             results.append(m.create(req).name)
         except VmExists as exc:
@@ -86,7 +87,7 @@ def test_created_vm_pins_its_image(mgr: VmManager) -> None:
     mgr.create(parse_request({"name": "a", "spec": {"kernel": {"image": "minimal"}}}))
     with pytest.raises(ImageError, match="in use by VM a"):
         mgr.library.remove("minimal")
-    mgr.delete("a")
+    asyncio.run(mgr.delete("a"))
     nothing_left(mgr, "a")
     mgr.library.remove("minimal")
 
@@ -95,6 +96,6 @@ def test_state_survives_a_new_manager(mgr: VmManager) -> None:
     mgr.create(parse_request({"name": "keep", "spec": {"kernel": {"image": "minimal"},
                                                        "memory_mib": 300}}))
     mgr.close()
-    again = VmManager(mgr.data, host=HostFacts())
+    again = VmManager(mgr.data, host=fake_host())
     rec = again.get("keep")
     assert rec.state == "created" and rec.request.spec.memory_mib == 300

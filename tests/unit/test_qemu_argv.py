@@ -3,19 +3,19 @@ from __future__ import annotations
 import pytest
 
 from vmforge.errors import HostError
+from vmforge.hypervisors.base import Accel
 from vmforge.hypervisors.host import HostFacts
-from vmforge.hypervisors.plan import LaunchPlan
-from vmforge.hypervisors.qemu import qemu_argv
+from vmforge.hypervisors.plan import MachinePlan
+from vmforge.hypervisors.qemu.render import qemu_argv
 from vmforge.images.library import Image
-from vmforge.node.plan import Inputs, launch_plan
+from vmforge.node.plan import Inputs, machine_plan
 from vmforge.paths import VmPaths
-from vmforge.spec import Machine, parse_request
+from vmforge.spec import VmRequest, parse_request
 
+from ..fakes import fake_host
 from ..golden import check_golden
 
-HOST = HostFacts(qemu_binary="qemu-system-x86_64", accel="tcg", tsc_khz=2600000,
-                 ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
-                 ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd")
+HOST = fake_host(tsc_khz=2600000)
 MINIMAL = Image(id=1, name="minimal", version=1, kind="kernel", format=None,
                 files={"kernel": "k", "vmlinux": "v", "initrd": "i"}, cmdline="console=ttyS0",
                 parent_id=None, source=None, recipe={"agent": True}, size=0, virtual_size=None,
@@ -24,12 +24,18 @@ MINIMAL = Image(id=1, name="minimal", version=1, kind="kernel", format=None,
 PATHS = VmPaths(__import__("pathlib").Path("/data/vms/vm1"))
 
 
-def plan_for(spec: dict[str, object], kernel_image: Image | None = None) -> LaunchPlan:
+def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
+                accel: Accel = Accel.TCG) -> MachinePlan:
+    return machine_plan(req, inputs, paths, host, accel)
+
+
+def plan_for(spec: dict[str, object], kernel_image: Image | None = None,
+             accel: Accel = Accel.TCG) -> MachinePlan:
     req = parse_request({"name": "vm1", "spec": spec})
-    return launch_plan(req, Inputs({}, kernel_image), PATHS, HOST)
+    return launch_plan(req, Inputs({}, kernel_image), PATHS, HOST, accel)
 
 
-def golden_argv(name: str, plan: LaunchPlan, host: HostFacts = HOST) -> list[str]:
+def golden_argv(name: str, plan: MachinePlan, host: HostFacts = HOST) -> list[str]:
     argv = qemu_argv(plan, host)
     check_golden(name, "\n".join(argv) + "\n")
     return argv
@@ -81,27 +87,30 @@ def test_microvm_uses_mmio_and_tsc_hint() -> None:
     assert any("tsc_early_khz=2600000" in a for a in argv)
 
 
-def test_kvm_host_uses_host_cpu() -> None:
-    kvm = HostFacts(qemu_binary="qemu-system-x86_64", accel="kvm")
-    argv = qemu_argv(plan_for({}), kvm)
+def test_kvm_uses_host_cpu() -> None:
+    argv = qemu_argv(plan_for({}, accel=Accel.KVM), HOST)
     assert argv[argv.index("-machine") + 1] == "q35,accel=kvm"
     assert argv[argv.index("-cpu") + 1] == "host"
 
 
 def test_uefi_without_ovmf_is_a_host_error() -> None:
-    no_ovmf = HostFacts(ovmf_code=None, ovmf_vars=None)
+    no_ovmf = fake_host(ovmf_code=None, ovmf_vars=None)
     with pytest.raises(HostError, match="ovmf"):
         qemu_argv(plan_for({"firmware": "uefi", "kernel": {"image": "minimal"}}, MINIMAL),
                   no_ovmf)
 
 
-def test_machine_enum_values() -> None:
-    assert {m.value for m in Machine} == {"q35", "pc", "microvm"}
+def test_pc_machine() -> None:
+    argv = golden_argv("argv-pc.txt", plan_for({"machine": "pc", "cdroms": [
+        {"id": "a", "iso_path": "/a.iso"}, {"id": "b", "iso_path": "/b.iso"},
+        {"id": "c", "iso_path": "/c.iso"}]}))
+    assert argv[argv.index("-machine") + 1] == "pc,accel=tcg"
+    assert "ide-cd,drive=c,bus=ide.1,unit=0" in argv  # two per IDE bus on pc
 
 
 def test_vsock_transport_when_the_host_has_vhost_vsock() -> None:
     from vmforge.node.plan import agent_vsock_cid
-    vsock_host = HostFacts(qemu_binary="qemu-system-x86_64", accel="tcg", vsock=True)
+    vsock_host = fake_host(vsock=True)
     req = parse_request({"name": "vm1", "spec": {"kernel": {"image": "minimal"}}})
     plan = launch_plan(req, Inputs({}, MINIMAL), PATHS, vsock_host)
     argv = golden_argv("argv-vsock.txt", plan, vsock_host)

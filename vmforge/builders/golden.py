@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -32,6 +32,9 @@ from ..errors import BuildError, SpecError, VmforgeError
 from ..images import qcow2
 from ..images.library import Image, Library
 from ..spec import read_document, spec_error_from
+
+if TYPE_CHECKING:
+    from ..node.manager import VmManager
 
 __all__ = ["GoldenRecipe", "load_recipe", "build_golden"]
 
@@ -152,10 +155,19 @@ async def _customise(sock: str, recipe: GoldenRecipe, base_dir: Path, out: Path,
         await c.shutdown()
 
 
-def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
-                 progress: Progress = lambda _m: None) -> list[Image]:
+async def _powered_off(manager: VmManager, name: str, timeout: float) -> bool:
+    from ..node.states import VmState
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        if manager.get(name).state is not VmState.RUNNING:
+            return True
+        await asyncio.sleep(0.1)
+    return False
+
+
+async def build_golden(manager: VmManager, recipe: GoldenRecipe, base_dir: Path,
+                       progress: Progress = lambda _m: None) -> list[Image]:
     """Build the recipe; returns the new library image(s). The build VM is always removed."""
-    from ..hypervisors.qemu_proc import wait_gone
     from ..spec import parse_request
 
     library: Library = manager.library
@@ -173,11 +185,10 @@ def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
     images: list[Image] = []
     try:
         progress(f"booting {base.ref} as {vm_name}")
-        rec = manager.run(req, timeout=600, progress=progress)
-        asyncio.run(_customise(rec.agent_endpoint, recipe, base_dir, work, progress))
-        if rec.pid is None or not wait_gone(rec.pid, str(rec.paths.qmp), 120):
+        rec = await manager.run(req, timeout=600, progress=lambda e: progress(e.message))
+        await _customise(rec.agent_endpoint, recipe, base_dir, work, progress)
+        if not await _powered_off(manager, vm_name, 120):
             raise BuildError("the build VM did not power off after sealing")
-        manager.get(vm_name)  # reconcile state
         overlay = rec.paths.disk("root")
         common: dict[str, Any] = {
             "kind": "disk", "format": "qcow2", "cmdline": base.cmdline, "parent": base,
@@ -208,7 +219,7 @@ def build_golden(manager: Any, recipe: GoldenRecipe, base_dir: Path,
         raise
     finally:
         try:
-            manager.delete(vm_name, force=True, stop_timeout=0)
+            await manager.delete(vm_name, force=True, stop_timeout=0)
         except VmforgeError:
             pass
         shutil.rmtree(work, ignore_errors=True)

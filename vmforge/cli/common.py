@@ -7,10 +7,14 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
+
+if TYPE_CHECKING:
+    from ..node.events import Event
+    from ..node.manager import VmManager
 
 out = Console()
 err = Console(stderr=True)
@@ -24,7 +28,7 @@ def set_options(data_dir: Path | None, verbose: bool) -> None:
     _state["verbose"] = verbose
 
 
-def manager() -> Any:
+def manager() -> VmManager:
     from ..node.manager import VmManager
     from ..paths import DataDir
 
@@ -57,18 +61,24 @@ def errors_reported() -> Iterator[None]:
         raise typer.Exit(130) from None
 
 
+class Reporter:
+    """Shows progress: takes the library's typed events and the builders' plain text."""
+
+    def __init__(self, show: Callable[[str], None]) -> None:
+        self._show = show
+
+    def __call__(self, msg: str | Event) -> None:
+        self._show(msg if isinstance(msg, str) else msg.message)
+
+
 @contextmanager
-def progress(title: str) -> Iterator[Callable[[str], None]]:
+def progress(title: str) -> Iterator[Reporter]:
     """A spinner on stderr whose text follows the work; plain lines when not a terminal."""
     if not err.is_terminal:
-        def plain(msg: str) -> None:
-            err.print(f"[dim]{title}: {msg}[/]", highlight=False)
-        yield plain
+        yield Reporter(lambda msg: err.print(f"[dim]{title}: {msg}[/]", highlight=False))
         return
     with err.status(title) as status:
-        def update(msg: str) -> None:
-            status.update(f"{title}: {msg}")
-        yield update
+        yield Reporter(lambda msg: status.update(f"{title}: {msg}"))
 
 
 def print_json(data: Any) -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import shutil
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import run
 
+if TYPE_CHECKING:
+    from ..node.manager import VmManager
 
-def run_doctor(m: Any) -> list[dict[str, Any]]:
+
+def run_doctor(m: VmManager) -> list[dict[str, Any]]:
     from ..hypervisors.host import probe_ovmf, probe_qemu
 
     checks: list[dict[str, Any]] = []
@@ -27,10 +30,20 @@ def run_doctor(m: Any) -> list[dict[str, Any]]:
     add("qemu-img", "ok" if img_tool else "missing", img_tool or "not found",
         "" if img_tool else "apt-get install qemu-utils", required=True)
     if binary:
-        host = m.host()
-        add("kvm", "ok" if host.accel == "kvm" else "warn",
-            host.accel_reason + ("" if host.accel == "kvm" else "; VMs run under TCG (slower)"),
-            "" if host.accel == "kvm" else "enable (nested) virtualisation for this host")
+        kvm = m.host().kvm
+        add("kvm", "ok" if kvm.works else "warn",
+            kvm.reason + ("" if kvm.works else "; VMs run under TCG (slower)"),
+            "" if kvm.works else "enable (nested) virtualisation for this host")
+    from ..hypervisors import available_backends, get_driver
+    for backend in available_backends():
+        if backend.value == "qemu":
+            continue  # reported above in detail
+        try:
+            st = get_driver(backend).probe()
+            add(backend.value, "ok" if st.available else "warn", st.detail, st.hint or "")
+        except Exception as exc:  # noqa: BLE001 - a broken binding is a finding, not a crash
+            add(backend.value, "warn", f"driver unavailable: {exc}",
+                "bash scripts/install-deps.sh")
     code, _vars = probe_ovmf()
     add("ovmf (UEFI)", "ok" if code else "warn", code or "not found",
         "" if code else "apt-get install ovmf")

@@ -1,4 +1,4 @@
-"""`vmforge image ...`: build, pull, import, list, inspect, remove, prune."""
+"""`vmforge image ...`: build, pull, import, list, inspect, verify, remove, prune."""
 
 from __future__ import annotations
 
@@ -71,6 +71,8 @@ def build_golden_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Boot a base image, copy files, install units, run commands, seal; store the result."""
+    import asyncio
+
     from ..builders.golden import build_golden, load_recipe
 
     with errors_reported():
@@ -78,7 +80,7 @@ def build_golden_cmd(
         m = manager()
         t0 = time.monotonic()
         with progress(f"building {rec.name}") as p:
-            imgs = build_golden(m, rec, base_dir, p)
+            imgs = asyncio.run(build_golden(m, rec, base_dir, p))
         if json_out:
             print_json([i.as_dict() for i in imgs])
         else:
@@ -128,6 +130,35 @@ def inspect_cmd(ref: str, json_out: JsonOpt = False) -> None:
             out.print_json(json.dumps(data, default=str))
 
 
+@image_app.command("verify")
+def verify_cmd(
+    ref: Annotated[str | None, typer.Argument(help="NAME[:VERSION]; all images if omitted.")
+                   ] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Re-hash stored files: each is ok, corrupt, missing or unreadable (exit 1 unless all ok)."""
+    from ..errors import ImageError
+
+    with errors_reported():
+        lib = manager().library
+        imgs = [lib.resolve(ref)] if ref else lib.all()
+        with progress("verifying") as p:
+            checks = lib.verify(imgs, p)
+        if json_out:
+            print_json([c.as_dict() for c in checks])
+        else:
+            for c in checks:
+                colour = "green" if c.status == "ok" else "bold red"
+                out.print(f"{c.ref:<24} {c.role:<8} {c.sha256[:12]}  [{colour}]{c.status}[/]",
+                          highlight=False)
+        bad = [c for c in checks if c.status != "ok"]
+        if bad:
+            names = ", ".join(f"{c.ref} {c.role} ({c.status})" for c in bad)
+            raise ImageError(f"{len(bad)} of {len(checks)} stored file(s) damaged: {names}",
+                             hint="pull, import or build those images again: storing the same "
+                                  "content replaces a damaged file; until then they are refused")
+
+
 @image_app.command("rm")
 def rm_cmd(refs: Annotated[list[str], typer.Argument(help="NAME[:VERSION]")]) -> None:
     """Remove images (refused while a VM or a child image uses them)."""
@@ -168,8 +199,8 @@ def pull_cmd(
 
     with errors_reported():
         if not sha256 and not sha256sums:
-            err.print("[yellow]warning:[/] no --sha256/--sha256sums: the download is only "
-                      "recorded, not verified")
+            err.print("[yellow]warning:[/] no --sha256/--sha256sums: the transfer must be "
+                      "complete and its sha256 is recorded, but nothing vouches for the content")
         with Progress("[progress.description]{task.description}", BarColumn(),
                       DownloadColumn(), TransferSpeedColumn(), console=err,
                       transient=True) as bar:
@@ -178,7 +209,8 @@ def pull_cmd(
             def update(done: int, total: int | None) -> None:
                 bar.update(task, completed=done, total=total)
             img = pull(manager().library, url, name, sha256=sha256,
-                       sha256sums_url=sha256sums, progress=update)
+                       sha256sums_url=sha256sums, progress=update,
+                       notice=lambda m: err.print(m, highlight=False))
         if json_out:
             print_json(img.as_dict())
         else:

@@ -1,13 +1,19 @@
-"""`vmforge`: VMs (create, run, start, stop, kill, rm, ls, inspect, console), the guest agent
-(wait, exec, cp, health), seeds, images and host diagnostics."""
+"""`vmforge`: VMs (create, run, plan, start, stop, kill, rm, ls, inspect, console), the guest
+agent (wait, exec, cp, health), seeds, images and host diagnostics.
+
+The only layer that runs an event loop (``asyncio.run``) around the library's coroutines.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+
+if TYPE_CHECKING:
+    from ..spec import VmRequest
 
 from .common import (
     err,
@@ -42,13 +48,18 @@ def _root(
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")
 
 
-def _load(spec: Path, name: str | None) -> Any:
+def _load(spec: Path, name: str | None) -> VmRequest:
     from ..spec import load_request
     return load_request(spec, name)
 
 
-def _requests(spec: Path, names: list[str] | None) -> list[Any]:
+def _requests(spec: Path, names: list[str] | None) -> list[VmRequest]:
     return [_load(spec, n) for n in names] if names else [_load(spec, None)]
+
+
+def _arun(coro: Any) -> Any:
+    import asyncio
+    return asyncio.run(coro)
 
 
 # ---------------------------------------------------------------------------- lifecycle
@@ -95,17 +106,59 @@ def run_cmd(
         for req in reqs:
             with progress(f"{req.name}") as p:
                 m.ensure_images(req, p)
-                recs.append(m.run(req, timeout=timeout, progress=p,
-                                  base_dir=spec.resolve().parent, keep_on_failure=keep))
+                recs.append(_arun(m.run(req, timeout=timeout, progress=p,
+                                        base_dir=spec.resolve().parent, keep_on_failure=keep)))
         if json_out:
             print_json([r.as_dict() for r in recs])
             return
         for r in recs:
             extra = ""
-            if r.request.spec.agent.enabled:
+            if r.req.spec.agent.enabled:
                 extra = " (agent ready)"
-            out.print(f"[bold green]{r.name}[/] is ready in [bold]{r.boot_seconds:.2f}s[/]"
-                      f"{extra} · accel {r.accel} · pid {r.pid}", highlight=False)
+            pid = f" · pid {r.pid}" if r.pid else ""
+            out.print(f"[bold green]{r.name}[/] is ready in [bold]{r.boot_seconds or 0:.2f}s[/]"
+                      f"{extra} · {r.backend.value} · accel {r.accel}{pid}", highlight=False)
+
+
+@app.command()
+def plan(
+    spec: Annotated[Path, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")],
+    name: Annotated[str | None, typer.Option("--name", "-n", help="VM name.")] = None,
+    hypervisor: Annotated[str | None, typer.Option(
+        "--hypervisor", help="Plan for this backend instead of the spec's.")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show what `run` would do, without doing it: resolved images, seed files and the
+    backend's part (QEMU argv, libvirt domain XML, or API requests)."""
+    with errors_reported():
+        req = _load(spec, name)
+        if hypervisor:
+            from ..spec import parse_request
+            data = req.model_dump(mode="json", by_alias=True)
+            data["spec"]["hypervisor"] = hypervisor
+            req = parse_request(data, "--hypervisor")
+        p = manager().plan(req)
+        if json_out:
+            print_json(p)
+            return
+        out.print(f"[bold]{p['name']}[/] on [bold]{p['backend']}[/] · accel {p['accel']} "
+                  f"({p['accel_reason']})", highlight=False)
+        out.print(f"directory: {p['dir']}", highlight=False)
+        for role, ref in p["images"].items():
+            out.print(f"image {role}: {ref}", highlight=False)
+        for fname, text in p["seed"].items():
+            out.print(f"[bold]seed {fname}[/] ({len(text)} bytes)", highlight=False)
+        if "argv" in p:
+            import shlex
+            out.print(" \\\n  ".join(shlex.quote(a) for a in p["argv"]), highlight=False,
+                      markup=False)
+        elif "domain_xml" in p:
+            out.print(p["domain_xml"], highlight=False, markup=False)
+        else:
+            for r in p["requests"]:
+                import json
+                out.print(f"{r['method']} {r['path']} {json.dumps(r['body'])}",
+                          highlight=False, markup=False)
 
 
 @app.command()
@@ -122,7 +175,7 @@ def start(
                 rec = m.start(n, p)
                 if wait:
                     p("waiting until ready")
-                    rec = m.wait_ready(n, timeout)
+                    rec = _arun(m.wait_ready(n, timeout, p))
             msg = f" ready in {rec.boot_seconds:.2f}s" if rec.boot_seconds else " started"
             out.print(f"[bold]{n}[/]{msg}", highlight=False)
 
@@ -137,13 +190,13 @@ def stop(
         m = manager()
         for n in names:
             with progress(f"stopping {n}"):
-                how = m.stop(n, timeout)
-            out.print(f"stopped [bold]{n}[/] ({how})")
+                how = _arun(m.stop(n, timeout))
+            out.print(f"stopped [bold]{n}[/] ({how.value})")
 
 
 @app.command()
 def kill(names: Annotated[list[str], typer.Argument(help="VM name(s).")]) -> None:
-    """Kill VM(s) at once (SIGKILL to QEMU)."""
+    """Kill VM(s) at once (SIGKILL to QEMU, destroy under libvirt)."""
     with errors_reported():
         m = manager()
         for n in names:
@@ -161,28 +214,34 @@ def rm_cmd(
     with errors_reported():
         m = manager()
         for n in names:
-            m.delete(n, force=force)
+            _arun(m.delete(n, force=force))
             out.print(f"removed [bold]{n}[/]")
 
 
+SecretsOpt = Annotated[bool, typer.Option(
+    "--show-secrets", help="Show user-data and vendor-data (redacted by default).")]
+
+
 @app.command("ls")
-def ls_cmd(json_out: JsonOpt = False) -> None:
+def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
     """List VMs."""
     with errors_reported():
         recs = manager().vms()
         if json_out:
-            print_json([r.as_dict() for r in recs])
+            print_json([r.as_dict(show_secrets=show_secrets) for r in recs])
             return
         from rich.table import Table
         t = Table(box=None, header_style="bold")
-        for col in ("NAME", "STATE", "CPUS", "MEMORY", "ACCEL", "PID", "BOOT", "AGE"):
+        for col in ("NAME", "STATE", "BACKEND", "CPUS", "MEMORY", "ACCEL", "PID", "BOOT",
+                    "AGE"):
             t.add_column(col)
         now = time.time()
-        colour = {"running": "green", "crashed": "red", "stopped": "dim"}
+        colour = {"running": "green", "crashed": "red", "broken": "red", "stopped": "dim"}
         for r in recs:
-            s = r.request.spec
-            t.add_row(r.name, f"[{colour.get(r.state, 'yellow')}]{r.state}[/]",
-                      str(s.cpu_cores), f"{s.memory_mib} MiB", r.accel or "-",
+            s = r.request.spec if r.request else None
+            t.add_row(r.name, f"[{colour.get(r.state.value, 'yellow')}]{r.state.value}[/]",
+                      r.backend.value, str(s.cpu_cores) if s else "-",
+                      f"{s.memory_mib} MiB" if s else "-", r.accel or "-",
                       str(r.pid or "-"),
                       f"{r.boot_seconds:.2f}s" if r.boot_seconds else "-",
                       f"{(now - r.created_at) / 60:.0f}m")
@@ -190,20 +249,21 @@ def ls_cmd(json_out: JsonOpt = False) -> None:
 
 
 @app.command()
-def inspect(name: str, json_out: JsonOpt = False) -> None:
-    """Show everything about a VM."""
+def inspect(name: str, json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
+    """Show everything about a VM (user-data and vendor-data redacted unless asked)."""
     with errors_reported():
         rec = manager().get(name)
-        data = rec.as_dict()
+        data = rec.as_dict(show_secrets=show_secrets)
         if json_out:
             print_json(data)
             return
-        for key in ("name", "state", "pid", "accel", "boot_seconds", "dir", "console_log",
-                    "agent_socket", "last_error"):
+        for key in ("name", "state", "backend", "pid", "accel", "boot_seconds", "dir",
+                    "console_log", "agent", "stop_reason", "last_error"):
             out.print(f"[bold]{key:>13}[/]: {data[key]}", highlight=False)
-        import json
-        out.print("[bold]         spec[/]:")
-        out.print_json(json.dumps(data["spec"]))
+        if "spec" in data:
+            import json
+            out.print("[bold]         spec[/]:")
+            out.print_json(json.dumps(data["spec"]))
 
 
 @app.command()
@@ -239,20 +299,12 @@ def console(
 
 # ---------------------------------------------------------------------------- agent
 
-def _agent_socket(name: str) -> str:
-    from ..errors import InvalidState
-    rec = manager().get(name)
-    if rec.state != "running":
-        raise InvalidState(f"VM {name} is {rec.state}, not running")
-    return str(rec.agent_endpoint)
-
-
 @app.command()
 def wait(name: str, timeout: Annotated[float, typer.Option(help="Seconds.")] = 300) -> None:
     """Wait until the VM's agent has announced itself."""
     with errors_reported():
         t0 = time.monotonic()
-        manager().wait_ready(name, timeout)
+        _arun(manager().wait_ready(name, timeout))
         out.print(f"[bold]{name}[/] is ready ({time.monotonic() - t0:.2f}s)", highlight=False)
 
 
@@ -269,15 +321,12 @@ def exec_cmd(
     shell: Annotated[bool, typer.Option("--shell", help="Run through /bin/sh -c.")] = False,
 ) -> None:
     """Run a command in the guest; output streams live; exits with the guest's exit code."""
-    import asyncio
     import sys
-
-    from ..agent.client import AgentClient
 
     with errors_reported():
         if command and command[0] == "--":
             command = command[1:]
-        sock = _agent_socket(name)
+        m = manager()
         environ = {}
         for item in env or []:
             k, sep, v = item.partition("=")
@@ -293,10 +342,10 @@ def exec_cmd(
             target.flush()
 
         async def go() -> Any:
-            async with AgentClient(sock) as c:
+            async with m.agent(name) as c:
                 return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
                                     stdin=data, timeout=timeout, on_output=show)
-        res = asyncio.run(go())
+        res = _arun(go())
         if res.timed_out:
             err.print(f"timed out after {timeout}s (killed with signal {res.signal})")
             raise typer.Exit(124)
@@ -311,9 +360,6 @@ def cp(
     dst: Annotated[str, typer.Argument(help="Destination: a local path or VM:/path")],
 ) -> None:
     """Copy files or directories (recursively) between the host and a VM."""
-    import asyncio
-
-    from ..agent.client import AgentClient
     from ..errors import SpecError
 
     def split(arg: str) -> tuple[str | None, str]:
@@ -327,36 +373,39 @@ def cp(
         if bool(svm) == bool(dvm):
             raise SpecError("exactly one of SRC and DST must be VM:/path", field="cp",
                             hint="e.g. vmforge cp ./file vm1:/tmp/file")
-        vm = svm or dvm
-        assert vm is not None
-        sock = _agent_socket(vm)
+        vm = svm or dvm or ""
+        if dvm and not Path(spath).exists():
+            raise SpecError(f"no such file or directory: {spath}", field="SRC",
+                            hint="give an existing local file or directory")
+        if svm:
+            parent = Path(dpath).resolve().parent
+            if not Path(dpath).is_dir() and not parent.is_dir():
+                raise SpecError(f"the destination's directory does not exist: {parent}",
+                                field="DST", hint=f"mkdir -p {parent}")
+        m = manager()
         t0 = time.monotonic()
 
         async def go() -> int:
-            async with AgentClient(sock) as c:
+            async with m.agent(vm) as c:
                 if dvm:
                     return await c.put_tree(spath, dpath)
                 return await c.get_tree(spath, dpath)
-        n = asyncio.run(go())
+        n = _arun(go())
         err.print(f"copied {n} file(s) in {time.monotonic() - t0:.2f}s")
 
 
 @app.command()
 def health(name: str, json_out: JsonOpt = False) -> None:
     """The guest's health: agent, load, memory, disk, cloud-init and the spec's checks."""
-    import asyncio
-
-    from ..agent.client import AgentClient
-
     with errors_reported():
-        rec = manager().get(name)
-        sock = _agent_socket(name)
-        checks = [c.model_dump(exclude_none=True) for c in rec.request.spec.health_checks]
+        m = manager()
+        rec = m.get(name)
+        checks = [c.model_dump(exclude_none=True) for c in rec.req.spec.health_checks]
 
         async def go() -> dict[str, Any]:
-            async with AgentClient(sock) as c:
+            async with m.agent(name) as c:
                 return await c.health(checks)
-        h = asyncio.run(go())
+        h: dict[str, Any] = _arun(go())
         if json_out:
             print_json(h)
         else:
@@ -452,7 +501,22 @@ def _register_images() -> None:
 _register_images()
 
 
+def _interrupt_on(signum: int, frame: Any) -> None:
+    """SIGTERM and SIGHUP (what `timeout` and service managers send) clean up exactly like
+    Ctrl-C: hand them to whatever handles SIGINT now (asyncio's runner cancels its task, plain
+    Python raises KeyboardInterrupt)."""
+    import signal
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
+
+
 def main() -> None:
+    import signal
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt_on)
     try:
         app()
     except Exception as exc:  # noqa: BLE001

@@ -17,9 +17,10 @@ from pathlib import Path
 
 from .. import run
 from ..errors import CommandError, HostError
+from .base import Accel
 
 __all__ = ["HostFacts", "probe_host", "probe_kvm", "probe_qemu", "probe_ovmf", "probe_tsc_khz",
-           "KvmVerdict"]
+           "KvmVerdict", "choose_accel"]
 
 OVMF_PAIRS = [
     ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
@@ -36,14 +37,27 @@ class KvmVerdict:
 
 @dataclass(frozen=True)
 class HostFacts:
-    qemu_binary: str = "qemu-system-x86_64"
-    qemu_version: str = "7.2.0"
-    accel: str = "tcg"
-    accel_reason: str = "KVM not probed"
-    ovmf_code: str | None = "/usr/share/OVMF/OVMF_CODE_4M.fd"
-    ovmf_vars: str | None = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+    """What the host can do. What one spec asks for is decided per VM (``choose_accel``)."""
+    qemu_binary: str
+    qemu_version: str
+    kvm: KvmVerdict
+    ovmf_code: str | None
+    ovmf_vars: str | None
     tsc_khz: int | None = None
     vsock: bool = False  # /dev/vhost-vsock usable: the agent can use AF_VSOCK
+
+
+def choose_accel(requested: str, host: HostFacts) -> tuple[Accel, str]:
+    """The accelerator for one VM and why: ``kvm`` demands working KVM, ``tcg`` never uses it,
+    ``auto`` takes KVM when the probe proved it works."""
+    if requested == "tcg":
+        return Accel.TCG, "TCG requested"
+    if host.kvm.works:
+        return Accel.KVM, host.kvm.reason
+    if requested == "kvm":
+        raise HostError(f"KVM was requested but does not work: {host.kvm.reason}",
+                        hint="set accel: auto (or tcg) in the spec")
+    return Accel.TCG, host.kvm.reason
 
 
 def probe_qemu() -> tuple[str, str]:
@@ -120,20 +134,11 @@ def probe_kvm(qemu: str, qemu_version: str, probe_kernel: str | None, cache_dir:
     return verdict
 
 
-def probe_host(*, probe_kernel: str | None = None, cache_dir: Path | None = None,
-               accel: str = "auto") -> HostFacts:
+def probe_host(*, probe_kernel: str | None = None, cache_dir: Path | None = None) -> HostFacts:
     qemu, version = probe_qemu()
     code, vars_ = probe_ovmf()
-    if accel == "tcg":
-        verdict = KvmVerdict(False, "TCG requested")
-    else:
-        verdict = probe_kvm(qemu, version, probe_kernel, cache_dir)
-        if accel == "kvm" and not verdict.works:
-            raise HostError(f"KVM was requested but does not work: {verdict.reason}",
-                            hint="set accel: auto (or tcg) in the spec")
-    return HostFacts(qemu_binary=qemu, qemu_version=version,
-                     accel="kvm" if verdict.works else "tcg",
-                     accel_reason=verdict.reason, ovmf_code=code, ovmf_vars=vars_,
-                     tsc_khz=probe_tsc_khz(),
+    verdict = probe_kvm(qemu, version, probe_kernel, cache_dir)
+    return HostFacts(qemu_binary=qemu, qemu_version=version, kvm=verdict, ovmf_code=code,
+                     ovmf_vars=vars_, tsc_khz=probe_tsc_khz(),
                      vsock=os.access("/dev/vhost-vsock", os.R_OK | os.W_OK))
 

@@ -1,16 +1,18 @@
-"""LaunchPlan: a VM spec with every path resolved; the input of every backend builder."""
+"""MachinePlan: a VM spec with every input resolved; the input of every backend's ``render``.
+
+It names no backend's files: drivers put their own (QMP socket, pidfile, domain) under
+``vm_dir`` / ``run_dir``.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..spec import Firmware, Machine, Nic
+from ..spec import Firmware, Machine
+from .base import AGENT_PORT_NAME, AGENT_VSOCK_PORT, Accel
 
-__all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "LaunchPlan", "AGENT_PORT_NAME",
-           "AGENT_VSOCK_PORT"]
-
-AGENT_PORT_NAME = "org.vmforge.agent.0"
-AGENT_VSOCK_PORT = 1024
+__all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "ForwardPlan", "NicPlan", "AgentPlan",
+           "MachinePlan", "AGENT_PORT_NAME", "AGENT_VSOCK_PORT"]
 
 
 @dataclass(frozen=True)
@@ -19,7 +21,6 @@ class DiskPlan:
     path: str
     format: str = "qcow2"
     bootindex: int | None = None
-    readonly: bool = False
 
 
 @dataclass(frozen=True)
@@ -37,22 +38,45 @@ class KernelPlan:
 
 
 @dataclass(frozen=True)
-class LaunchPlan:
+class ForwardPlan:
+    protocol: str
+    host_addr: str
+    host_port: int
+    guest_port: int
+
+
+@dataclass(frozen=True)
+class NicPlan:
+    id: str
+    mac: str | None = None
+    forwards: tuple[ForwardPlan, ...] = ()
+
+
+@dataclass(frozen=True)
+class AgentPlan:
+    """How the host reaches the guest agent: a virtio-serial port named AGENT_PORT_NAME behind
+    the unix socket ``socket``, or AF_VSOCK to ``cid`` on AGENT_VSOCK_PORT."""
+    transport: str  # "virtio-serial" | "vsock"
+    socket: str | None = None
+    cid: int | None = None
+
+
+@dataclass(frozen=True)
+class MachinePlan:
     name: str
+    vm_dir: str
+    run_dir: str       # where sockets go (short enough for sun_path)
     cpu_cores: int
     memory_mib: int
     machine: Machine
     firmware: Firmware
+    accel: Accel
     console_log: str
-    qmp_socket: str
-    agent_socket: str | None
-    pidfile: str
     disks: tuple[DiskPlan, ...] = ()
     cdroms: tuple[CdromPlan, ...] = ()
     seed: str | None = None
-    nics: tuple[Nic, ...] = ()
+    nics: tuple[NicPlan, ...] = ()
     kernel: KernelPlan | None = None
-    uefi_vars: str | None = None
-    vsock_cid: int | None = None  # set: the agent talks AF_VSOCK instead of virtio-serial
+    nvram: str | None = None         # the per-VM copy of the UEFI variable store
+    agent: AgentPlan | None = None
     net_bootindex: int | None = None  # PXE from the first NIC at this place in the order
-    extra_args: tuple[str, ...] = field(default=())

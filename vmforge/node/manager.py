@@ -1,13 +1,23 @@
 """The VM manager: create, start, stop, kill, delete, list, with state in SQLite.
 
-States and the transitions allowed between them::
+States and transitions are in :mod:`vmforge.node.states`. The manager never imports a backend:
+it asks the registry for the spec's driver (:func:`vmforge.hypervisors.get_driver`).
 
-    creating -> created -> starting -> running -> stopping -> stopped
-                                          \\-> crashed (QEMU died without being asked)
-    created | stopped | crashed -> starting;   any -> deleted (rm, with -f for running)
+Crash consistency, the rules:
 
-A failed create removes its half-built directory and its row; two creates of one name are
-decided by the primary key, so exactly one wins.
+* Every operation that changes a VM holds its :class:`~vmforge.node.lock.VmLock` (an flock
+  the kernel releases when the holder dies) from its first write to its last.
+* A row in a transient state (creating, starting, stopping, deleting) whose lock is free was
+  left by a dead vmforge: the next command that reads it finishes or rolls back that work
+  (``_recover``). A locked one is shown as it is: somebody is at work.
+* The hypervisor's handle is durable before the hypervisor runs (the driver's ``record``
+  callback; QEMU's pidfile and QMP socket are fixed by the VM directory), and before any start
+  the driver is asked whether a process already runs for the VM (``find``): a VM never has two.
+* A running VM is declared crashed or stopped only after the driver says its process is gone,
+  and only if the row still says running (a conditional UPDATE).
+
+Readiness, provisioning, agent calls and stop are coroutines; only ``vmforge.cli`` runs an
+event loop, so the daemon can await them on its own.
 """
 
 from __future__ import annotations
@@ -18,57 +28,95 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import (
     AgentError,
     InvalidState,
     LaunchError,
+    SpecError,
     VmError,
     VmExists,
+    VmforgeError,
     VmNotFound,
 )
-from ..hypervisors import qemu_proc
-from ..hypervisors.host import HostFacts, probe_host
-from ..hypervisors.plan import AGENT_VSOCK_PORT
+from ..hypervisors import get_driver
+from ..hypervisors.base import Accel, Backend, Driver, Liveness, Runtime, StopOutcome
+from ..hypervisors.host import HostFacts, KvmVerdict, choose_accel, probe_host
 from ..images.library import Library
 from ..paths import DataDir, VmPaths
 from ..spec import VmRequest, parse_request, validate_name
 from ..state import Database
 from . import plan as planmod
+from .events import Event, Progress, adapt, no_progress
+from .lock import VmLock
+from .states import LIVE, STARTABLE, TRANSIENT, VmState
 
-__all__ = ["VmManager", "VmRecord", "STARTABLE"]
+if TYPE_CHECKING:
+    from ..agent.client import AgentClient
 
-STARTABLE = ("created", "stopped", "crashed")
-Progress = Callable[[str], None]
+__all__ = ["VmManager", "VmRecord", "STARTABLE", "redact_spec"]
+
+_REDACTED_FIELDS = ("user_data", "vendor_data")
+
+
+def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
+    """The spec as shown to people and scripts: user-data and vendor-data (where passwords and
+    tokens live) replaced by their size."""
+    ci = spec.get("cloud_init")
+    if isinstance(ci, dict):
+        ci = dict(ci)
+        for key in _REDACTED_FIELDS:
+            if isinstance(ci.get(key), str):
+                ci[key] = f"<redacted: {len(ci[key].encode())} bytes; --show-secrets shows it>"
+        spec = {**spec, "cloud_init": ci}
+    return spec
 
 
 @dataclass(frozen=True)
 class VmRecord:
     name: str
-    state: str
-    request: VmRequest
+    state: VmState
+    request: VmRequest | None  # None when the stored spec no longer parses (state broken)
     dir: Path
-    pid: int | None
-    accel: str | None
+    backend: Backend
+    runtime: Runtime | None
     created_at: float
     started_at: float | None
     ready_at: float | None
     stopped_at: float | None
     last_error: str | None
-    endpoint: str | None = None
+    stop_reason: str | None = None
+
+    @property
+    def req(self) -> VmRequest:
+        if self.request is None:
+            raise InvalidState(f"VM {self.name} is broken: {self.last_error}",
+                               hint=f"`vmforge rm -f {self.name}` removes it")
+        return self.request
 
     @property
     def paths(self) -> VmPaths:
         return VmPaths(self.dir)
 
     @property
+    def pid(self) -> int | None:
+        return self.runtime.pid if self.runtime else None
+
+    @property
+    def accel(self) -> str | None:
+        return self.runtime.accel.value if self.runtime else None
+
+    @property
     def agent_endpoint(self) -> str:
-        """Where the agent answers: a unix socket path, or ``vsock:CID:PORT``."""
-        return self.endpoint or str(self.paths.agent)
+        """Where the agent answers: a unix socket path, ``vsock:CID:PORT`` or ``hvsock:...``."""
+        if self.runtime and self.runtime.agent:
+            return str(self.runtime.agent)
+        return str(self.paths.agent)
 
     @property
     def boot_seconds(self) -> float | None:
@@ -76,16 +124,22 @@ class VmRecord:
             return self.ready_at - self.started_at
         return None
 
-    def as_dict(self) -> dict[str, Any]:
-        s = self.request.spec
-        return {"name": self.name, "state": self.state, "pid": self.pid, "accel": self.accel,
-                "dir": str(self.dir), "cpu_cores": s.cpu_cores, "memory_mib": s.memory_mib,
-                "created_at": self.created_at, "started_at": self.started_at,
-                "ready_at": self.ready_at, "stopped_at": self.stopped_at,
-                "boot_seconds": self.boot_seconds, "last_error": self.last_error,
-                "console_log": str(self.paths.console), "qmp_socket": str(self.paths.qmp),
-                "agent_socket": self.agent_endpoint,
-                "spec": json.loads(self.request.model_dump_json(by_alias=True))["spec"]}
+    def as_dict(self, *, show_secrets: bool = False) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "name": self.name, "state": self.state.value, "backend": self.backend.value,
+            "pid": self.pid, "accel": self.accel, "dir": str(self.dir),
+            "created_at": self.created_at, "started_at": self.started_at,
+            "ready_at": self.ready_at, "stopped_at": self.stopped_at,
+            "boot_seconds": self.boot_seconds, "last_error": self.last_error,
+            "stop_reason": self.stop_reason, "console_log": str(self.paths.console),
+            "agent": self.agent_endpoint,
+            "runtime": json.loads(self.runtime.to_json()) if self.runtime else None}
+        if self.request is not None:
+            s = self.request.spec
+            spec = json.loads(self.request.model_dump_json(by_alias=True))["spec"]
+            d.update(cpu_cores=s.cpu_cores, memory_mib=s.memory_mib,
+                     spec=spec if show_secrets else redact_spec(spec))
+        return d
 
 
 class VmManager:
@@ -98,154 +152,362 @@ class VmManager:
     def close(self) -> None:
         self.db.close()
 
-    # -- host facts
-    def host(self, accel: str = "auto") -> HostFacts:
-        if self._host is None or (accel == "tcg" and self._host.accel != "tcg"):
+    # -- host facts (what the host can do; what a spec asks for is chosen per VM)
+    def host(self) -> HostFacts:
+        if self._host is None:
             probe_kernel = None
             img = self.library.find("minimal")
             if img is not None and img.path("vmlinux"):
                 probe_kernel = str(img.path("vmlinux"))
-            self._host = probe_host(probe_kernel=probe_kernel, cache_dir=self.data.cache,
-                                    accel=accel)
+            self._host = probe_host(probe_kernel=probe_kernel, cache_dir=self.data.cache)
         return self._host
+
+    def host_or_defaults(self) -> HostFacts:
+        """The probed facts, or, where QEMU is not installed (``vmforge plan`` on a machine
+        without a hypervisor), the standard paths and an unprobed KVM."""
+        try:
+            return self.host()
+        except VmforgeError:
+            return HostFacts(qemu_binary="qemu-system-x86_64", qemu_version="unknown",
+                             kvm=KvmVerdict(False, "not probed (QEMU is not installed)"),
+                             ovmf_code="/usr/share/OVMF/OVMF_CODE_4M.fd",
+                             ovmf_vars="/usr/share/OVMF/OVMF_VARS_4M.fd")
+
+    def accel_for(self, req: VmRequest, host: HostFacts | None = None) -> tuple[Accel, str]:
+        if req.spec.accel == "tcg":
+            return Accel.TCG, "TCG requested"
+        return choose_accel(req.spec.accel, host or self.host())
+
+    @staticmethod
+    def driver(backend: Backend | str) -> Driver:
+        return get_driver(backend)
+
+    def _lock(self, name: str) -> VmLock:
+        return VmLock(self.data.locks, name)
 
     # -- records
     def _record(self, row: sqlite3.Row) -> VmRecord:
-        req = parse_request(json.loads(row["spec"]), "stored spec")
-        return VmRecord(row["name"], row["state"], req, Path(row["dir"]), row["pid"],
-                        row["accel"], row["created_at"], row["started_at"], row["ready_at"],
-                        row["stopped_at"], row["last_error"], row["agent_endpoint"])
+        state = VmState(row["state"])
+        error = row["last_error"]
+        try:
+            req: VmRequest | None = parse_request(json.loads(row["spec"]), "stored spec")
+        except (VmforgeError, ValueError) as exc:
+            req, state, error = None, VmState.BROKEN, f"stored spec does not parse: {exc}"
+        runtime = None
+        if row["runtime"]:
+            try:
+                runtime = Runtime.from_json(row["runtime"])
+            except (ValueError, KeyError):
+                runtime = None
+        return VmRecord(row["name"], state, req, Path(row["dir"]), Backend(row["backend"]),
+                        runtime, row["created_at"], row["started_at"], row["ready_at"],
+                        row["stopped_at"], error, row["stop_reason"])
 
-    def _reconcile(self, rec: VmRecord) -> VmRecord:
-        """A VM recorded as running whose QEMU is gone crashed (or powered itself off)."""
-        if rec.state in ("running", "starting", "stopping") and \
-                not qemu_proc.pid_alive(rec.pid, str(rec.paths.qmp)):
-            new = "stopped" if rec.state == "stopping" else "crashed"
-            tail = qemu_proc.console_tail(rec.paths.console, 5)
-            powered_off = "reboot: Power down" in tail or "System halted" in tail
-            if powered_off:
-                new = "stopped"
-            self._set(rec.name, state=new, pid=None, stopped_at=time.time(),
-                      last_error=None if new == "stopped" else "QEMU exited unexpectedly")
-            return self.get(rec.name, reconcile=False)
-        return rec
+    def _row(self, name: str) -> VmRecord | None:
+        rows = self.db.query("SELECT * FROM vms WHERE name=?", (name,))
+        return self._record(rows[0]) if rows else None
 
     def get(self, name: str, *, reconcile: bool = True) -> VmRecord:
-        rows = self.db.query("SELECT * FROM vms WHERE name=?", (name,))
-        if not rows:
+        rec = self._row(name)
+        if rec is not None and reconcile:
+            rec = self._reconcile(rec)
+        if rec is None:
             raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
-        rec = self._record(rows[0])
-        return self._reconcile(rec) if reconcile else rec
+        return rec
 
     def vms(self) -> list[VmRecord]:
-        return [self._reconcile(self._record(r))
-                for r in self.db.query("SELECT * FROM vms ORDER BY created_at")]
+        out = []
+        for row in self.db.query("SELECT * FROM vms ORDER BY created_at"):
+            rec = self._reconcile(self._record(row))
+            if rec is not None:
+                out.append(rec)
+        return out
 
     def _set(self, name: str, **fields: Any) -> None:
         cols = ", ".join(f"{k}=?" for k in fields)
         with self.db.tx() as c:
             c.execute(f"UPDATE vms SET {cols} WHERE name=?", (*fields.values(), name))
 
-    def _transition(self, name: str, allowed: tuple[str, ...], new: str, **fields: Any
-                    ) -> VmRecord:
+    def _transition(self, name: str, allowed: tuple[VmState, ...], new: VmState,
+                    **fields: Any) -> None:
         """Guarded state change: checked and written in one transaction."""
-        rec = self.get(name)
         with self.db.tx() as c:
             row = c.execute("SELECT state FROM vms WHERE name=?", (name,)).fetchone()
             if row is None:
                 raise VmNotFound(f"no VM named {name!r}")
             if row["state"] not in allowed:
                 raise InvalidState(f"VM {name} is {row['state']}; this needs it to be "
-                                   f"{' or '.join(allowed)}")
+                                   f"{' or '.join(s.value for s in allowed)}")
             cols = ", ".join(f"{k}=?" for k in ("state", *fields))
-            c.execute(f"UPDATE vms SET {cols} WHERE name=?", (new, *fields.values(), name))
+            c.execute(f"UPDATE vms SET {cols} WHERE name=?", (new.value, *fields.values(), name))
+
+    # -- reconciliation
+    def _reconcile(self, rec: VmRecord) -> VmRecord | None:
+        """Make the row tell the truth. Returns None when the VM turned out not to exist (a
+        create or rm that died half-way, now rolled back or finished)."""
+        if rec.state in TRANSIENT:
+            lock = self._lock(rec.name)
+            if not lock.try_acquire():
+                return rec  # a live vmforge is working on it
+            try:
+                return self._recover(rec.name)
+            finally:
+                lock.release(unlink=self._row(rec.name) is None)
+        if rec.state is VmState.RUNNING:
+            return self._check_running(rec)
         return rec
 
-    # -- lifecycle
-    def ensure_images(self, req: VmRequest, progress: Progress = lambda _m: None) -> None:
+    def _liveness(self, rec: VmRecord) -> tuple[Liveness, Runtime | None]:
+        drv = self.driver(rec.backend)
+        rt = rec.runtime
+        if rt is not None:
+            live = drv.status(rt)
+            if live in (Liveness.RUNNING, Liveness.PAUSED):
+                return live, rt
+        found = drv.find(rec.name, rec.dir)  # e.g. started, but its pid was never recorded
+        if found is not None and drv.status(found) in (Liveness.RUNNING, Liveness.PAUSED):
+            return Liveness.RUNNING, found
+        return (drv.status(rt) if rt is not None else Liveness.GONE), rt
+
+    def _check_running(self, rec: VmRecord) -> VmRecord:
+        live, rt = self._liveness(rec)
+        if live in (Liveness.RUNNING, Liveness.PAUSED):
+            if rt is not None and rt != rec.runtime:
+                self._set(rec.name, runtime=rt.to_json())
+                return self.get(rec.name, reconcile=False)
+            return rec
+        new = VmState.STOPPED if live is Liveness.POWERED_OFF else VmState.CRASHED
+        reason = "guest powered off" if new is VmState.STOPPED else \
+            f"the {rec.backend.value} process died unexpectedly"
+        with self.db.tx() as c:  # only if nobody changed it meanwhile (a stop in progress)
+            c.execute("UPDATE vms SET state=?, runtime=NULL, stopped_at=?, stop_reason=?, "
+                      "last_error=? WHERE name=? AND state='running'",
+                      (new.value, time.time(), reason,
+                       None if new is VmState.STOPPED else reason, rec.name))
+        return self.get(rec.name, reconcile=False)
+
+    def _recover(self, name: str) -> VmRecord | None:
+        """Finish or roll back the work of a dead vmforge. The caller holds the VM's lock."""
+        rec = self._row(name)
+        if rec is None or rec.state not in TRANSIENT:
+            return rec
+        if rec.state is VmState.CREATING:
+            self._discard(rec)
+            return None
+        if rec.state is VmState.DELETING:
+            self._finish_delete(rec)
+            return None
+        live, rt = self._liveness(rec)
+        alive = live in (Liveness.RUNNING, Liveness.PAUSED)
+        if alive:
+            self._set(name, state=VmState.RUNNING.value, runtime=rt.to_json() if rt else None,
+                      started_at=rec.started_at or time.time())
+        elif rec.state is VmState.STARTING:
+            self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
+                      last_error="start was interrupted (the vmforge process starting it died)")
+        else:
+            self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
+                      stop_reason=rec.stop_reason or "stopped (its stop was interrupted)")
+        return self._row(name)
+
+    def _discard(self, rec: VmRecord) -> None:
+        """Remove every trace of a VM that never finished being created."""
+        for tmp in self.data.vms.glob(f".{rec.name}.creating-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        if rec.state is VmState.CREATING:  # its dir, if there, is not the VM's yet
+            shutil.rmtree(rec.dir, ignore_errors=True)
+        with self.db.tx() as c:
+            c.execute("DELETE FROM vm_images WHERE vm_name=?", (rec.name,))
+            c.execute("DELETE FROM vms WHERE name=?", (rec.name,))
+
+    def _finish_delete(self, rec: VmRecord) -> None:
+        drv = self.driver(rec.backend)
+        for rt in (rec.runtime, drv.find(rec.name, rec.dir)):
+            if rt is not None:
+                drv.kill(rt)
+        drv.cleanup(rec.runtime, rec.name, rec.dir)
+        shutil.rmtree(rec.dir, ignore_errors=True)
+        socks = rec.paths.sockets
+        if socks != rec.dir:
+            shutil.rmtree(socks, ignore_errors=True)
+        self._discard(rec)
+
+    # -- planning
+    def ensure_images(self, req: VmRequest, progress: Progress = no_progress) -> None:
         """Build the built-in images (minimal, debian) a spec names but the library lacks."""
         from ..builders.builtin import ensure_builtin
         refs = [d.image for d in req.spec.disks if d.image]
         if req.spec.kernel and req.spec.kernel.image:
             refs.append(req.spec.kernel.image)
         for ref in refs:
-            ensure_builtin(self.library, self.data.cache, ref, progress)
+            ensure_builtin(self.library, self.data.cache, ref, adapt(progress, req.name, "image"))
 
-    def create(self, req: VmRequest, progress: Progress = lambda _m: None) -> VmRecord:
+    def _checked(self, req: VmRequest, host: HostFacts | None
+                 ) -> tuple[Driver, planmod.Inputs, Accel, str]:
         validate_name(req.name)
-        if req.spec.hypervisor != "qemu":
-            from ..errors import HostError
-            raise HostError(f"hypervisor {req.spec.hypervisor!r} is not available here",
-                            hint="use hypervisor: qemu (the default)")
+        drv = self.driver(req.spec.hypervisor)
         inputs = planmod.check_inputs(req, self.library)  # fails before any host probe
-        host = self.host(req.spec.accel)
+        planmod.check_capabilities(req, drv.capabilities(), inputs)
+        host = host or self.host()
+        accel, why = self.accel_for(req, host)
         planmod.check_host(req, host)
+        return drv, inputs, accel, why
+
+    def plan(self, req: VmRequest) -> dict[str, Any]:
+        """What ``run`` would do, without doing it: resolved inputs, seed files and the
+        backend's part (argv, domain XML or API requests). Needs no hypervisor installed."""
+        from ..agent import guest
+        from ..seed import build_seed, find_ssh_public_key, inject_agent
+
+        host = self.host_or_defaults()
+        drv, inputs, accel, why = self._checked(req, host)
+        paths = self.data.vm(req.name)
+        mp = planmod.machine_plan(req, inputs, paths, host, accel)
+        seed_files: dict[str, str] = {}
+        if planmod.needs_seed(req):
+            seed = build_seed(req.name, req.spec.cloud_init, default_if_empty=True,
+                              ssh_key=find_ssh_public_key())
+            if req.spec.agent.enabled and req.spec.agent.inject and not inputs.agent_baked_in:
+                seed = inject_agent(seed, Path(guest.__file__).read_bytes())
+            seed_files = {name: data.decode(errors="replace") for name, data in
+                          seed.files()}
+        return {"name": req.name, "backend": drv.backend.value, "accel": accel.value,
+                "accel_reason": why, "dir": str(paths.dir),
+                "images": {role: self.library.get(i).ref for role, i in inputs.pins.items()},
+                "kernel": vars(mp.kernel) if mp.kernel else None,
+                "seed": seed_files, "capabilities": drv.capabilities().to_json(),
+                **drv.render(mp, host).to_json()}
+
+    # -- lifecycle
+    def create(self, req: VmRequest, progress: Progress = no_progress) -> VmRecord:
+        drv, inputs, _accel, _why = self._checked(req, None)
+        host = self.host()
         final = self.data.vms / req.name
+        lock = self._lock(req.name)
+        lock.acquire()
         try:
-            with self.db.tx() as c:
-                c.execute("INSERT INTO vms (name, state, spec, dir, created_at, owner_pid) "
-                          "VALUES (?, 'creating', ?, ?, ?, ?)",
-                          (req.name, req.model_dump_json(by_alias=True), str(final),
-                           time.time(), os.getpid()))
-                for img in inputs.images:
-                    c.execute("INSERT OR IGNORE INTO vm_images (vm_name, image_id) VALUES (?,?)",
-                              (req.name, img.id))
-        except sqlite3.IntegrityError:
-            raise VmExists(f"a VM named {req.name!r} already exists",
-                           hint="pick another --name or `vmforge rm` it first") from None
-        tmp = self.data.vms / f".{req.name}.creating-{os.getpid()}"
-        try:
-            if final.exists():
-                raise VmError(f"{final} exists but no VM of that name is recorded",
-                              hint="move that directory away; vmforge will not overwrite it")
-            tmp.mkdir(parents=True)
-            from ..agent import guest
-            from ..seed import find_ssh_public_key
-            progress("preparing disks and seed")
-            planmod.prepare_artifacts(req, inputs, VmPaths(tmp), host,
-                                      Path(guest.__file__).read_bytes(), find_ssh_public_key())
-            (tmp / "spec.json").write_text(req.model_dump_json(by_alias=True, indent=2))
-            os.rename(tmp, final)
-            self._set(req.name, state="created")
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            with self.db.tx() as c:
-                c.execute("DELETE FROM vm_images WHERE vm_name=?", (req.name,))
-                c.execute("DELETE FROM vms WHERE name=?", (req.name,))
-            raise
+            stale = self._row(req.name)
+            if stale is not None and stale.state in TRANSIENT:
+                self._recover(req.name)
+            try:
+                with self.db.tx() as c:
+                    c.execute("INSERT INTO vms (name, state, spec, dir, created_at, owner_pid, "
+                              "backend) VALUES (?, 'creating', ?, ?, ?, ?, ?)",
+                              (req.name, req.model_dump_json(by_alias=True), str(final),
+                               time.time(), os.getpid(), drv.backend.value))
+                    for role, image_id in inputs.pins.items():
+                        c.execute("INSERT INTO vm_images (vm_name, role, image_id) "
+                                  "VALUES (?,?,?)", (req.name, role, image_id))
+            except sqlite3.IntegrityError:
+                raise VmExists(f"a VM named {req.name!r} already exists",
+                               hint="pick another --name or `vmforge rm` it first") from None
+            tmp = self.data.vms / f".{req.name}.creating-{os.getpid()}"
+            try:
+                if final.exists():
+                    raise VmError(f"{final} exists but no VM of that name is recorded",
+                                  hint="move that directory away; vmforge will not overwrite "
+                                       "it")
+                tmp.mkdir(mode=0o700)
+                from ..agent import guest
+                from ..seed import find_ssh_public_key
+                progress(Event(req.name, "create", "preparing disks and seed"))
+                planmod.prepare_artifacts(req, inputs, VmPaths(tmp), host,
+                                          Path(guest.__file__).read_bytes(),
+                                          find_ssh_public_key())
+                _write_private(tmp / "spec.json", req.model_dump_json(by_alias=True, indent=2))
+                os.rename(tmp, final)
+                self._set(req.name, state=VmState.CREATED.value)
+            except BaseException as exc:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with self.db.tx() as c:
+                    c.execute("DELETE FROM vm_images WHERE vm_name=?", (req.name,))
+                    c.execute("DELETE FROM vms WHERE name=?", (req.name,))
+                if isinstance(exc, OSError):
+                    raise os_error(exc, f"cannot create VM {req.name}", self.data.root) from exc
+                raise
+        finally:
+            lock.release()
+        progress(Event(req.name, "state", VmState.CREATED.value))
         return self.get(req.name)
 
-    def start(self, name: str, progress: Progress = lambda _m: None) -> VmRecord:
-        rec = self._transition(name, STARTABLE, "starting")
-        try:
-            host = self.host(rec.request.spec.accel)
-            if host.accel == "tcg":
-                progress(f"KVM unavailable ({host.accel_reason}); using TCG (slower)")
-            inputs = planmod.check_inputs(rec.request, self.library)
-            planmod.check_host(rec.request, host)
-            lp = planmod.launch_plan(rec.request, inputs, rec.paths, host)
-            started = time.time()
-            pid = qemu_proc.launch(lp, host)
-        except BaseException as exc:
-            self._set(name, state=rec.state, last_error=str(exc)[:2000])
-            raise
-        endpoint = (f"vsock:{lp.vsock_cid}:{AGENT_VSOCK_PORT}" if lp.vsock_cid is not None
-                    else None)
-        self._set(name, state="running", pid=pid, accel=host.accel, started_at=started,
-                  ready_at=None, stopped_at=None, last_error=None, agent_endpoint=endpoint)
-        return self.get(name)
+    def _pins(self, name: str) -> dict[str, int]:
+        return {r["role"]: r["image_id"] for r in
+                self.db.query("SELECT role, image_id FROM vm_images WHERE vm_name=?", (name,))}
 
-    def wait_ready(self, name: str, timeout: float = 180.0) -> VmRecord:
-        """Wait for the agent's hello (or, without an agent, the image's serial marker)."""
+    def start(self, name: str, progress: Progress = no_progress) -> VmRecord:
+        """Start a created or stopped VM; returns once the hypervisor runs (not ready)."""
+        lock = self._lock(name)
+        lock.acquire()
+        try:
+            rec = self._row(name)
+            if rec is not None and rec.state in TRANSIENT:
+                rec = self._recover(name)
+            if rec is None:
+                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            req = rec.req
+            drv = self.driver(rec.backend)
+            if rec.state is VmState.RUNNING:
+                rec = self._check_running(rec)
+            if rec.state not in STARTABLE:
+                raise InvalidState(f"VM {name} is {rec.state.value}; this needs it to be "
+                                   + " or ".join(s.value for s in STARTABLE))
+            existing = drv.find(name, rec.dir)
+            if existing is not None and drv.status(existing) is Liveness.RUNNING:
+                # Its process outlived what the row says (e.g. a crash of ours): adopt it.
+                self._set(name, state=VmState.RUNNING.value, runtime=existing.to_json())
+                return self.get(name, reconcile=False)
+            inputs = planmod.pinned_inputs(req, self.library, self._pins(name))
+            host = self.host()
+            accel, why = self.accel_for(req, host)
+            if accel is Accel.TCG and req.spec.accel != "tcg":
+                progress(Event(name, "start", f"KVM unavailable ({why}); using TCG (slower)"))
+            planmod.check_host(req, host)
+            mp = planmod.machine_plan(req, inputs, rec.paths, host, accel)
+            prior = rec.state
+            self._transition(name, STARTABLE, VmState.STARTING, last_error=None,
+                             stop_reason=None)
+            progress(Event(name, "state", VmState.STARTING.value))
+            started = time.time()
+            try:
+                rt = drv.start(mp, host, lambda r: self._set(name, runtime=r.to_json()))
+            except BaseException as exc:
+                found = drv.find(name, rec.dir)
+                if found is not None:  # e.g. interrupted after QEMU daemonized
+                    drv.kill(found)
+                self._set(name, state=prior.value if prior is not VmState.CRASHED
+                          else VmState.STOPPED.value, runtime=None,
+                          last_error=str(exc)[:2000] or type(exc).__name__)
+                raise
+            self._set(name, state=VmState.RUNNING.value, runtime=rt.to_json(),
+                      started_at=started, ready_at=None, stopped_at=None)
+        finally:
+            lock.release()
+        progress(Event(name, "state", VmState.RUNNING.value))
+        return self.get(name, reconcile=False)
+
+    async def wait_ready(self, name: str, timeout: float = 180.0,
+                         progress: Progress = no_progress) -> VmRecord:
+        """Wait for the agent's hello and cloud-init (or, without an agent, the image's serial
+        marker)."""
         rec = self.get(name)
-        if rec.state != "running":
-            raise InvalidState(f"VM {name} is {rec.state}, not running")
-        if rec.request.spec.agent.enabled:
-            ready_at = asyncio.run(self._wait_agent(rec, timeout))
+        if rec.state is not VmState.RUNNING or rec.runtime is None:
+            raise InvalidState(f"VM {name} is {rec.state.value}, not running")
+        if rec.req.spec.agent.enabled:
+            ready_at = await self._wait_agent(rec, timeout)
         else:
-            ready_at = self._wait_marker(rec, timeout)
+            ready_at = await self._wait_marker(rec, timeout)
         self._set(name, ready_at=ready_at)
-        return self.get(name)
+        progress(Event(name, "ready", "ready"))
+        return self.get(name, reconcile=False)
+
+    def _died(self, rec: VmRecord) -> bool:
+        assert rec.runtime is not None
+        return self.driver(rec.backend).status(rec.runtime) not in (Liveness.RUNNING,
+                                                                    Liveness.PAUSED)
+
+    def _console_tail(self, rec: VmRecord, lines: int = 25) -> str:
+        from ..hypervisors.qemu.driver import console_tail
+        return console_tail(rec.paths.console, lines)
 
     async def _wait_agent(self, rec: VmRecord, timeout: float) -> float:
         from ..agent.client import AgentClient
@@ -265,141 +527,231 @@ class VmManager:
         try:
             while not waiter.done():
                 done, _ = await asyncio.wait({waiter}, timeout=0.25)
-                if not done and not qemu_proc.pid_alive(rec.pid, str(rec.paths.qmp)):
+                if not done and self._died(rec):
                     waiter.cancel()
-                    self._reconcile(rec)
+                    self._reconcile(self.get(rec.name, reconcile=False))
                     raise LaunchError(f"VM {rec.name} died before it was ready",
-                                      console_tail=qemu_proc.console_tail(rec.paths.console))
+                                      console_tail=self._console_tail(rec))
             try:
                 waiter.result()
             except AgentError as exc:
                 raise LaunchError(f"VM {rec.name} did not become ready: {exc.message}",
-                                  console_tail=qemu_proc.console_tail(rec.paths.console),
+                                  console_tail=self._console_tail(rec),
                                   hint="see `vmforge console " + rec.name + "`") from exc
             return time.time()
         finally:
+            if not waiter.done():
+                waiter.cancel()
             await client.close()
 
-    def _wait_marker(self, rec: VmRecord, timeout: float) -> float:
+    async def _wait_marker(self, rec: VmRecord, timeout: float) -> float:
         from ..builders.minimal import READY_MARKER
+        marker = READY_MARKER.encode()
         deadline = time.monotonic() + timeout
+        seen = b""
+        offset = 0
         while time.monotonic() < deadline:
             try:
-                if READY_MARKER.encode() in rec.paths.console.read_bytes():
+                with open(rec.paths.console, "rb") as f:  # read only what is new
+                    f.seek(offset)
+                    chunk = f.read()
+                offset += len(chunk)
+                seen = seen[-len(marker):] + chunk
+                if marker in seen:
                     return time.time()
             except OSError:
                 pass
-            if not qemu_proc.pid_alive(rec.pid, str(rec.paths.qmp)):
+            if self._died(rec):
                 raise LaunchError(f"VM {rec.name} died before it was ready",
-                                  console_tail=qemu_proc.console_tail(rec.paths.console))
-            time.sleep(0.02)
+                                  console_tail=self._console_tail(rec))
+            await asyncio.sleep(0.02)
         raise LaunchError(f"VM {rec.name} printed no ready marker within {timeout:.0f}s",
-                          console_tail=qemu_proc.console_tail(rec.paths.console))
+                          console_tail=self._console_tail(rec))
 
-    def stop(self, name: str, timeout: float = 30.0) -> str:
-        rec = self._transition(name, ("running",), "stopping")
-        how = "not running"
+    async def stop(self, name: str, timeout: float = 30.0) -> StopOutcome:
+        """Agent shutdown (when the guest has one), then the hypervisor's power button, quit
+        and kill, all within ``timeout`` (0: kill at once). The state says ``stopped`` only
+        once the hypervisor process is gone."""
+        lock = self._lock(name)
+        await lock.acquire_async()
         try:
-            if rec.request.spec.agent.enabled:
-                how = self._agent_shutdown(rec, timeout)
-            if how != "agent":
-                assert rec.pid is not None
-                how = qemu_proc.stop(rec.pid, str(rec.paths.qmp), timeout=timeout,
-                                     marker=str(rec.paths.qmp))
+            rec = self._row(name)
+            if rec is not None and rec.state in TRANSIENT:
+                rec = self._recover(name)
+            if rec is None:
+                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            if rec.state is VmState.RUNNING:
+                rec = self._check_running(rec)
+            return await self._stop_locked(rec, timeout)
         finally:
-            self._set(name, state="stopped", pid=None, stopped_at=time.time())
-        return how
+            lock.release()
 
-    def _agent_shutdown(self, rec: VmRecord, timeout: float) -> str:
+    async def _stop_locked(self, rec: VmRecord, timeout: float) -> StopOutcome:
+        name = rec.name
+        self._transition(name, (VmState.RUNNING,), VmState.STOPPING)
+        assert rec.runtime is not None  # running rows have a runtime
+        drv = self.driver(rec.backend)
+        deadline = time.monotonic() + timeout
+        try:
+            outcome = StopOutcome.NOT_RUNNING
+            if timeout > 0 and rec.request is not None and rec.request.spec.agent.enabled:
+                if await self._agent_shutdown(rec, deadline):
+                    outcome = StopOutcome.AGENT
+            if outcome is not StopOutcome.AGENT:
+                outcome = await drv.stop(rec.runtime, max(0.0, deadline - time.monotonic()))
+        finally:
+            # Whatever happened (even an interrupt), record the truth: stopped only if gone.
+            live = drv.status(rec.runtime)
+            if live in (Liveness.RUNNING, Liveness.PAUSED):
+                self._set(name, state=VmState.RUNNING.value)
+            else:
+                self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
+                          stop_reason="stopped by vmforge")
+        if live in (Liveness.RUNNING, Liveness.PAUSED):
+            raise VmError(f"VM {name} is still running after stop",
+                          hint=f"`vmforge kill {name}`")
+        return outcome
+
+    async def _agent_shutdown(self, rec: VmRecord, deadline: float) -> bool:
+        """Ask the guest to power off; True once the hypervisor process is gone."""
         from ..agent.client import AgentClient
 
-        async def go() -> bool:
-            client = AgentClient(rec.agent_endpoint)
-            try:
-                await client.connect(timeout=2)
-                await client.call("shutdown", timeout=5)
-                return True
-            except AgentError:
-                return False
-            finally:
-                await client.close()
+        client = AgentClient(rec.agent_endpoint)
         try:
-            if not asyncio.run(go()):
-                return "no agent"
-        except Exception:  # noqa: BLE001 - the ACPI path is the fallback
-            return "no agent"
-        deadline = time.monotonic() + timeout
+            await client.connect(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
+            await client.call("shutdown", timeout=5)
+        except (TimeoutError, AgentError, OSError):
+            return False
+        finally:
+            await client.close()
         while time.monotonic() < deadline:
-            if not qemu_proc.pid_alive(rec.pid, str(rec.paths.qmp)):
-                return "agent"
-            time.sleep(0.05)
-        return "agent timed out"
+            if self._died(rec):
+                return True
+            await asyncio.sleep(0.05)
+        return False
 
-    def kill(self, name: str) -> None:
-        rec = self.get(name)
-        if rec.state not in ("running", "starting", "stopping"):
-            raise InvalidState(f"VM {name} is {rec.state}; nothing to kill")
-        if rec.pid:
-            qemu_proc.kill(rec.pid, str(rec.paths.qmp))
-        self._set(name, state="stopped", pid=None, stopped_at=time.time())
+    def kill(self, name: str) -> StopOutcome:
+        """Stop at once (destroy / SIGKILL)."""
+        lock = self._lock(name)
+        lock.acquire()
+        try:
+            rec = self._row(name)
+            if rec is not None and rec.state in TRANSIENT:
+                rec = self._recover(name)
+            if rec is None:
+                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            if rec.state is not VmState.RUNNING:
+                raise InvalidState(f"VM {name} is {rec.state.value}; nothing to kill")
+            self._transition(name, (VmState.RUNNING,), VmState.STOPPING)
+            drv = self.driver(rec.backend)
+            outcome = StopOutcome.NOT_RUNNING
+            for rt in (rec.runtime, drv.find(name, rec.dir)):
+                if rt is not None and drv.kill(rt) is StopOutcome.KILLED:
+                    outcome = StopOutcome.KILLED
+            self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
+                      stop_reason="killed")
+            return outcome
+        finally:
+            lock.release()
 
-    def delete(self, name: str, *, force: bool = False, stop_timeout: float = 10.0) -> None:
+    async def delete(self, name: str, *, force: bool = False,
+                     stop_timeout: float = 10.0) -> None:
         """Remove a VM. ``force`` stops a running one first: gracefully within
-        ``stop_timeout`` seconds (0: kill at once), then by SIGKILL."""
-        rec = self.get(name)
-        if rec.state in ("running", "starting", "stopping"):
-            if not force:
-                raise InvalidState(f"VM {name} is {rec.state}",
+        ``stop_timeout`` seconds (0: kill at once), then by SIGKILL. Works in every state,
+        broken rows included, and leaves no process, directory or row."""
+        lock = self._lock(name)
+        await lock.acquire_async()
+        try:
+            rec = self._row(name)
+            if rec is not None and rec.state in TRANSIENT:
+                rec = self._recover(name)
+            if rec is None:
+                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            if rec.state is VmState.RUNNING:
+                rec = self._check_running(rec)
+            if rec.state in LIVE and not force:
+                raise InvalidState(f"VM {name} is {rec.state.value}",
                                    hint=f"stop it first or use `vmforge rm -f {name}`")
-            if rec.state == "running" and stop_timeout > 0:
+            if rec.state is VmState.RUNNING and stop_timeout > 0:
                 try:
-                    self.stop(name, timeout=stop_timeout)
+                    await self._stop_locked(rec, stop_timeout)
                 except VmError:
                     pass
-            if rec.pid:
-                qemu_proc.kill(rec.pid, str(rec.paths.qmp))
-        shutil.rmtree(rec.dir, ignore_errors=True)
-        socks = rec.paths.sockets
-        if socks != rec.dir:
-            shutil.rmtree(socks, ignore_errors=True)
-        with self.db.tx() as c:
-            c.execute("DELETE FROM vm_images WHERE vm_name=?", (name,))
-            c.execute("DELETE FROM vms WHERE name=?", (name,))
+            self._set(name, state=VmState.DELETING.value)
+            self._finish_delete(self._row(name) or rec)
+        finally:
+            lock.release(unlink=True)
 
-    def run(self, req: VmRequest, *, timeout: float = 180.0,
-            progress: Progress = lambda _m: None, base_dir: Path | None = None,
-            keep_on_failure: bool = False) -> VmRecord:
+    async def run(self, req: VmRequest, *, timeout: float = 180.0,
+                  progress: Progress = no_progress, base_dir: Path | None = None,
+                  keep_on_failure: bool = False) -> VmRecord:
         """create + start + wait until ready + provision (the spec's ``provision`` steps).
 
-        A VM that fails on the way is removed, unless ``keep_on_failure`` (for debugging).
+        A VM that fails on the way (or is interrupted) is removed, unless ``keep_on_failure``.
         """
         self.create(req, progress)
         try:
-            progress("starting")
             self.start(req.name, progress)
-            progress("waiting for the guest agent" if req.spec.agent.enabled
-                     else "waiting for the ready marker")
-            rec = self.wait_ready(req.name, timeout)
+            progress(Event(req.name, "wait", "waiting for the guest agent"
+                           if req.spec.agent.enabled else "waiting for the ready marker"))
+            rec = await self.wait_ready(req.name, timeout, progress)
             if req.spec.provision:
-                self.provision(req.name, base_dir or Path.cwd(), progress)
+                await self.provision(req.name, base_dir or Path.cwd(), progress)
             return rec
         except BaseException as exc:
             if keep_on_failure:
                 self._set(req.name, last_error=str(exc)[:2000])
             else:
                 try:  # it never became usable: no point in a graceful stop
-                    self.delete(req.name, force=True, stop_timeout=0)
+                    await self.delete(req.name, force=True, stop_timeout=0)
                 except VmError:
                     pass
             raise
 
-    def provision(self, name: str, base_dir: Path,
-                  progress: Progress = lambda _m: None) -> list[dict[str, Any]]:
+    @asynccontextmanager
+    async def agent(self, name: str) -> AsyncIterator[AgentClient]:
+        """A connected agent session with a running VM (the CLI and the daemon share it)."""
+        from ..agent.client import AgentClient
+
+        rec = self.get(name)
+        if rec.state is not VmState.RUNNING:
+            raise InvalidState(f"VM {name} is {rec.state.value}, not running",
+                               hint=f"`vmforge start {name}`")
+        if not rec.req.spec.agent.enabled:
+            raise InvalidState(f"VM {name} has no agent", hint="set spec.agent.enabled: true")
+        async with AgentClient(rec.agent_endpoint) as client:
+            yield client
+
+    async def provision(self, name: str, base_dir: Path,
+                        progress: Progress = no_progress) -> list[dict[str, Any]]:
         from .provision import provision
         rec = self.get(name)
-        if not rec.request.spec.agent.enabled:
+        spec = rec.req.spec
+        if not spec.agent.enabled:
             raise InvalidState(f"VM {name} has no agent; provisioning needs it",
                                hint="set spec.agent.enabled: true")
-        spec = rec.request.spec
-        return provision(rec.agent_endpoint, spec.provision, spec.health_checks, base_dir,
-                         progress)
+        async with self.agent(name) as client:
+            return await provision(client, spec.provision, spec.health_checks, base_dir,
+                                   adapt(progress, name, "provision"))
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
+def os_error(exc: OSError, what: str, data_root: Path) -> VmforgeError:
+    """An operating-system error as a vmforge error with the path and a hint."""
+    import errno
+    path = exc.filename or data_root
+    if exc.errno == errno.ENOSPC:
+        return VmError(f"{what}: the disk is full (writing {path})",
+                       hint=f"free space on the filesystem holding {data_root}; nothing was "
+                            "left behind")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return VmError(f"{what}: permission denied: {path}",
+                       hint="run vmforge as the owner of the data directory")
+    if exc.errno == errno.ENOENT:
+        return SpecError(f"{what}: no such file or directory: {path}")
+    return VmError(f"{what}: {exc.strerror or exc}: {path}")

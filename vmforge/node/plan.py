@@ -1,6 +1,9 @@
-"""From a validated VmRequest to artifacts on disk (overlays, seed, UEFI vars) and a LaunchPlan.
+"""From a validated VmRequest to pinned inputs, artifacts on disk (overlays, seed, NVRAM) and a
+backend-neutral MachinePlan.
 
-``check_inputs`` runs before anything is created, so bad input leaves nothing behind.
+Inputs are resolved once, at create, and pinned by image id (``Pins``): ``start`` boots exactly
+what was created even after a newer version of the image is built. ``check_inputs`` and
+``check_capabilities`` run before anything is created, so bad input leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -11,15 +14,26 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SpecError
+from ..hypervisors.base import Accel, Capabilities
 from ..hypervisors.host import HostFacts
-from ..hypervisors.plan import CdromPlan, DiskPlan, KernelPlan, LaunchPlan
+from ..hypervisors.plan import (
+    AgentPlan,
+    CdromPlan,
+    DiskPlan,
+    ForwardPlan,
+    KernelPlan,
+    MachinePlan,
+    NicPlan,
+)
 from ..images import qcow2
 from ..images.library import Image, Library
 from ..paths import VmPaths
-from ..spec import BootDevice, Firmware, VmRequest
+from ..spec import BootDevice, DiskFormat, Firmware, VmRequest
 
-__all__ = ["Inputs", "check_inputs", "check_host", "prepare_artifacts", "launch_plan",
-           "agent_vsock_cid"]
+__all__ = ["Inputs", "check_inputs", "pinned_inputs", "check_host", "check_capabilities",
+           "prepare_artifacts", "machine_plan", "agent_vsock_cid", "needs_seed"]
+
+KERNEL_ROLE = "kernel"
 
 
 @dataclass(frozen=True)
@@ -36,6 +50,14 @@ class Inputs:
         return out
 
     @property
+    def pins(self) -> dict[str, int]:
+        """role -> image id, as stored in ``vm_images``."""
+        pins = {f"disk:{d}": img.id for d, img in self.disk_images.items()}
+        if self.kernel_image:
+            pins[KERNEL_ROLE] = self.kernel_image.id
+        return pins
+
+    @property
     def agent_baked_in(self) -> bool:
         return any(bool((i.recipe or {}).get("agent")) for i in self.images)
 
@@ -46,87 +68,169 @@ def _must_exist(path: str | None, field: str, what: str) -> None:
                         hint="give an existing file (relative paths are relative to the spec)")
 
 
-def check_inputs(req: VmRequest, library: Library) -> Inputs:
+def _direct_kernel_from_disk(req: VmRequest, disk_images: dict[str, Image]) -> Image | None:
+    """A library disk image that carries its kernel boots directly from it (boot_mode auto)."""
     spec = req.spec
+    boot = spec.boot_disk
+    if spec.kernel or spec.boot_mode != "auto" or boot is None or boot.id not in disk_images:
+        return None
+    img = disk_images[boot.id]
+    return img if img.path("kernel") is not None else None
+
+
+def _check_files(req: VmRequest) -> None:
+    spec = req.spec
+    for i, d in enumerate(spec.disks):
+        if d.backing_file:
+            _must_exist(d.backing_file, f"spec.disks[{i}].backing_file", "backing file")
+            _check_disk_image(d.backing_file, f"spec.disks[{i}].backing_file")
+    for i, c in enumerate(spec.cdroms):
+        _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
+    if spec.kernel and not spec.kernel.image:
+        _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
+        _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
+
+
+def _check_disk_image(path: str, field: str) -> None:
+    try:
+        from ..images.probe import check_disk_image
+    except ImportError:  # pragma: no cover - the probe module lands with the input checks
+        return
+    check_disk_image(path, field)
+
+
+def check_inputs(req: VmRequest, library: Library) -> Inputs:
+    """Resolve the spec's image references to the newest matching versions (at create)."""
+    spec = req.spec
+    _check_files(req)
     disk_images: dict[str, Image] = {}
     for i, d in enumerate(spec.disks):
-        _must_exist(d.backing_file, f"spec.disks[{i}].backing_file", "backing file")
         if d.image:
             img = library.find(d.image)
             if img is None or img.path("disk") is None:
                 raise SpecError(f"no disk image {d.image!r} in the library",
-                                field=f"spec.disks[{i}].image",
-                                hint="see `vmforge image ls`")
+                                field=f"spec.disks[{i}].image", hint="see `vmforge image ls`")
             disk_images[d.id] = img
-    for i, c in enumerate(spec.cdroms):
-        _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
-    kernel_image = None
-    boot = spec.boot_disk
-    if not spec.kernel and spec.boot_mode == "auto" and boot is not None and \
-            boot.id in disk_images and disk_images[boot.id].path("kernel") is not None:
-        # A library disk image that carries its kernel boots directly from it.
-        kernel_image = disk_images[boot.id]
-    if spec.kernel:
-        if spec.kernel.image:
-            kernel_image = library.find(spec.kernel.image)
-            if kernel_image is None or kernel_image.path("kernel") is None:
-                raise SpecError(f"no image {spec.kernel.image!r} with a kernel in the library",
-                                field="spec.kernel.image",
-                                hint="build one: `vmforge image build minimal`")
-        else:
-            _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
-            _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
-    return Inputs(disk_images, kernel_image)
+    kernel_image = _direct_kernel_from_disk(req, disk_images)
+    if spec.kernel and spec.kernel.image:
+        kernel_image = library.find(spec.kernel.image)
+        if kernel_image is None or kernel_image.path("kernel") is None:
+            raise SpecError(f"no image {spec.kernel.image!r} with a kernel in the library",
+                            field="spec.kernel.image",
+                            hint="build one: `vmforge image build minimal`")
+    inputs = Inputs(disk_images, kernel_image)
+    _check_intact(library, inputs)
+    return inputs
+
+
+def pinned_inputs(req: VmRequest, library: Library, pins: dict[str, int]) -> Inputs:
+    """The inputs a VM was created with, by pinned image id (at start)."""
+    _check_files(req)
+    disk_images = {role.split(":", 1)[1]: library.get(i) for role, i in pins.items()
+                   if role.startswith("disk:")}
+    kernel_image = library.get(pins[KERNEL_ROLE]) if KERNEL_ROLE in pins else None
+    inputs = Inputs(disk_images, kernel_image)
+    _check_intact(library, inputs)
+    return inputs
+
+
+def _check_intact(library: Library, inputs: Inputs) -> None:
+    """A cheap check (size and mtime) that no blob changed since it was stored."""
+    check = getattr(library, "check_intact", None)
+    if check is not None:
+        for img in inputs.images:
+            check(img)
 
 
 def check_host(req: VmRequest, host: HostFacts) -> None:
     """What the spec needs from the host beyond its own files."""
-    if req.spec.firmware is Firmware.UEFI and not host.ovmf_code:
-        raise SpecError("UEFI needs OVMF, which is not installed", field="spec.firmware",
-                        hint="apt-get install ovmf")
+    if req.spec.firmware is Firmware.UEFI and not (
+            host.ovmf_code and host.ovmf_vars and Path(host.ovmf_vars).is_file()):
+        raise SpecError("UEFI needs OVMF (code and variable store), which is not installed",
+                        field="spec.firmware", hint="apt-get install ovmf")
 
 
-def needs_seed(req: VmRequest, inputs: Inputs) -> bool:
+def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None = None
+                       ) -> None:
+    """One generic check of a spec against what its backend can do, with field names."""
+    spec = req.spec
+    name = caps.backend.value
+    if spec.machine not in caps.machines:
+        raise SpecError(f"{name} does not support machine {spec.machine.value}",
+                        field="spec.machine",
+                        hint="use one of: " + ", ".join(sorted(m.value for m in caps.machines)))
+    if spec.firmware not in caps.firmware:
+        raise SpecError(f"{name} does not support firmware {spec.firmware.value}",
+                        field="spec.firmware")
+    for i, d in enumerate(spec.disks):
+        fmt = DiskFormat.QCOW2 if (d.backing_file or d.image) else d.format
+        if fmt not in caps.disk_formats:
+            raise SpecError(f"{name} boots {', '.join(sorted(f.value for f in caps.disk_formats))}"
+                            f" disks only", field=f"spec.disks[{i}].format")
+    if spec.cdroms and not caps.cdroms:
+        raise SpecError(f"{name} has no cdrom drives", field="spec.cdroms[0]")
+    if spec.agent.enabled and spec.agent.transport != "auto" and \
+            spec.agent.transport not in caps.agent_transports:
+        raise SpecError(f"{name} cannot reach the agent over {spec.agent.transport}",
+                        field="spec.agent.transport",
+                        hint="use one of: auto, " + ", ".join(sorted(caps.agent_transports)))
+    for i, nic in enumerate(spec.nics):
+        if nic.forwards and not caps.user_net_forwards:
+            raise SpecError(f"{name} has no user-mode port forwards",
+                            field=f"spec.nics[{i}].forwards",
+                            hint="use a bridge or managed network and the guest's address")
+    direct = bool(spec.kernel) or (inputs is not None and inputs.kernel_image is not None)
+    if direct and not caps.direct_kernel_boot:
+        raise SpecError(f"{name} cannot boot a kernel directly", field="spec.kernel")
+
+
+def needs_seed(req: VmRequest) -> bool:
     return req.spec.cloud_init is not None or bool(
         req.spec.boot_disk and (req.spec.boot_disk.backing_file or req.spec.boot_disk.image))
 
 
 def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
                       agent_source: bytes | None, ssh_key: str | None) -> None:
-    """Write overlays, blank disks, the seed and the UEFI vars copy into ``paths.dir``."""
+    """Write overlays, blank disks, the seed and the UEFI vars copy into ``paths.dir``
+    (owner-only: the seed carries user-data, which may hold passwords)."""
     from ..seed import build_seed, inject_agent, write_iso
 
     spec = req.spec
     for d in spec.disks:
-        size = int(d.size_gib * qcow2.GIB) if d.size_gib else None
         target = paths.disk(d.id)
         if d.backing_file or d.id in inputs.disk_images:
             img = inputs.disk_images.get(d.id)
             backing = str(img.path("disk")) if img else str(d.backing_file)
             fmt = img.format if img else None
+            size = int(d.size_gib * qcow2.GIB) if d.size_gib else None
             qcow2.create_overlay(backing, target, size, backing_format=fmt)
         else:
-            assert size is not None
-            qcow2.create_blank(target, size, d.format.value)
-    if needs_seed(req, inputs):
+            if d.size_gib is None:  # the model refuses blank disks without a size
+                raise SpecError("a blank disk needs size_gib", field=f"spec.disks[{d.id}]")
+            qcow2.create_blank(target, int(d.size_gib * qcow2.GIB), d.format.value)
+    if needs_seed(req):
         seed = build_seed(req.name, spec.cloud_init, default_if_empty=True, ssh_key=ssh_key)
         if spec.agent.enabled and spec.agent.inject and agent_source and \
                 not inputs.agent_baked_in:
             seed = inject_agent(seed, agent_source)
         write_iso(seed, paths.seed)
     if spec.firmware is Firmware.UEFI:
-        assert host.ovmf_vars
+        if not host.ovmf_vars:
+            raise SpecError("UEFI needs OVMF's variable store", field="spec.firmware",
+                            hint="apt-get install ovmf")
         shutil.copyfile(host.ovmf_vars, paths.uefi_vars)
+    for p in paths.dir.iterdir():
+        p.chmod(0o600)
 
 
-def _boot_indexes(req: VmRequest) -> tuple[dict[str, int], int | None]:
+def _boot_indexes(req: VmRequest, direct_kernel: bool) -> tuple[dict[str, int], int | None]:
     spec = req.spec
     order = list(spec.boot_order) or [BootDevice.DISK, BootDevice.CDROM]
     idx: dict[str, int] = {}
     n = 1
     net_index = None
     for dev in order:
-        if dev is BootDevice.DISK and spec.boot_disk and not spec.kernel:
+        if dev is BootDevice.DISK and spec.boot_disk and not direct_kernel:
             idx[spec.boot_disk.id] = n
             n += 1
         elif dev is BootDevice.CDROM:
@@ -140,46 +244,50 @@ def _boot_indexes(req: VmRequest) -> tuple[dict[str, int], int | None]:
     return idx, net_index
 
 
-def launch_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts) -> LaunchPlan:
+def kernel_plan(req: VmRequest, inputs: Inputs) -> KernelPlan | None:
+    """The one place that decides direct kernel boot: a library image's kernel (the disk's
+    own, or ``kernel.image``), or the spec's kernel/initrd paths."""
     spec = req.spec
-    idx, net_index = _boot_indexes(req)
-    if inputs.kernel_image and not spec.kernel and spec.boot_disk:
-        idx.pop(spec.boot_disk.id, None)  # booted directly: the disk's bootloader is unused
+    k = spec.kernel
+    tag = f"vmforge.id={req.name}"
+    if inputs.kernel_image is not None:
+        img = inputs.kernel_image
+        kpath = img.path(spec.firmware.kernel_role()) or img.path("kernel")
+        if kpath is None:
+            raise SpecError(f"image {img.ref} has no kernel", field="spec.kernel.image")
+        initrd = img.path("initrd")
+        cmdline = k.cmdline if k is not None and k.cmdline is not None else (img.cmdline or "")
+        return KernelPlan(str(kpath), str(initrd) if initrd else None,
+                          f"{cmdline} {tag}".strip())
+    if k is not None and k.kernel:
+        return KernelPlan(k.kernel, k.initrd, f"{k.cmdline or ''} {tag}".strip())
+    return None
+
+
+def machine_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
+                 accel: Accel) -> MachinePlan:
+    spec = req.spec
+    kernel = kernel_plan(req, inputs)
+    idx, net_index = _boot_indexes(req, direct_kernel=kernel is not None)
     disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
                            else d.format.value, idx.get(d.id)) for d in spec.disks)
     cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
-    kernel = None
-    if inputs.kernel_image and not spec.kernel:
-        img = inputs.kernel_image
-        kpath = img.path(spec.firmware.kernel_role()) or img.path("kernel")
-        assert kpath is not None
-        initrd = img.path("initrd")
-        kernel = KernelPlan(str(kpath), str(initrd) if initrd else None,
-                            f"{img.cmdline or ''} vmforge.id={req.name}".strip())
-    if spec.kernel:
-        k = spec.kernel
-        if inputs.kernel_image:
-            img = inputs.kernel_image
-            role = spec.firmware.kernel_role()
-            kpath = img.path(role) or img.path("kernel")
-            assert kpath is not None
-            initrd = img.path("initrd")
-            cmdline = k.cmdline if k.cmdline is not None else (img.cmdline or "")
-            kernel = KernelPlan(str(kpath), str(initrd) if initrd else None,
-                                f"{cmdline} vmforge.id={req.name}".strip())
-        else:
-            assert k.kernel
-            kernel = KernelPlan(k.kernel, k.initrd, f"{k.cmdline or ''} vmforge.id={req.name}")
-    cid = agent_vsock_cid(req, host)
-    agent = str(paths.agent) if spec.agent.enabled and cid is None else None
-    return LaunchPlan(
-        name=req.name, cpu_cores=spec.cpu_cores, memory_mib=spec.memory_mib,
-        machine=spec.machine, firmware=spec.firmware, console_log=str(paths.console),
-        qmp_socket=str(paths.qmp), agent_socket=agent, pidfile=str(paths.pidfile),
-        disks=disks, cdroms=cdroms, seed=str(paths.seed) if paths.seed.exists() else None,
-        nics=spec.nics, kernel=kernel,
-        uefi_vars=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
-        vsock_cid=cid, net_bootindex=net_index if spec.nics else None)
+    nics = tuple(NicPlan(n.id, n.mac, tuple(ForwardPlan(f.protocol, f.host_addr, f.host_port,
+                                                        f.guest_port) for f in n.forwards))
+                 for n in spec.nics)
+    agent = None
+    if spec.agent.enabled:
+        cid = agent_vsock_cid(req, host)
+        agent = AgentPlan("vsock", cid=cid) if cid is not None else \
+            AgentPlan("virtio-serial", socket=str(paths.agent))
+    return MachinePlan(
+        name=req.name, vm_dir=str(paths.dir), run_dir=str(paths.sockets),
+        cpu_cores=spec.cpu_cores, memory_mib=spec.memory_mib, machine=spec.machine,
+        firmware=spec.firmware, accel=accel, console_log=str(paths.console),
+        disks=disks, cdroms=cdroms, seed=str(paths.seed) if needs_seed(req) else None,
+        nics=nics, kernel=kernel,
+        nvram=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
+        agent=agent, net_bootindex=net_index if spec.nics else None)
 
 
 def agent_vsock_cid(req: VmRequest, host: HostFacts) -> int | None:

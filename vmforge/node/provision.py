@@ -16,8 +16,6 @@ from ..spec import HealthCheck, ProvisionStep
 
 __all__ = ["provision", "wait_healthy"]
 
-Progress = Callable[[str], None]
-
 
 async def wait_healthy(client: AgentClient, checks: tuple[HealthCheck, ...],
                        timeout: float) -> dict[str, Any]:
@@ -61,23 +59,21 @@ async def _step(client: AgentClient, step: ProvisionStep, checks: tuple[HealthCh
     return "healthy"
 
 
-def provision(socket: str | Path, steps: tuple[ProvisionStep, ...], checks: tuple[HealthCheck, ...],
-              base: Path, progress: Progress = lambda _m: None) -> list[dict[str, Any]]:
-    """Run the steps in order; returns a report, raises ProvisionError at the first failure."""
-    async def go() -> list[dict[str, Any]]:
-        report = []
-        async with AgentClient(socket) as client:
-            await client.wait_ready(60)
-            for i, step in enumerate(steps, 1):
-                progress(f"provision {i}/{len(steps)}: {step.label}")
-                t0 = time.monotonic()
-                try:
-                    out = await _step(client, step, checks, base)
-                except ProvisionError:
-                    raise
-                except (TimeoutError, AgentError) as exc:
-                    raise ProvisionError(step.label, str(exc) or "timed out") from exc
-                report.append({"step": step.label, "seconds": time.monotonic() - t0,
-                               "output": out[-2000:]})
-        return report
-    return asyncio.run(go())
+async def provision(client: AgentClient, steps: tuple[ProvisionStep, ...],
+                    checks: tuple[HealthCheck, ...], base: Path,
+                    progress: Callable[[str], None] = lambda _m: None) -> list[dict[str, Any]]:
+    """Run the steps in order over a connected agent session; returns a report, raises
+    ProvisionError at the first failure."""
+    report = []
+    for i, step in enumerate(steps, 1):
+        progress(f"provision {i}/{len(steps)}: {step.label}")
+        t0 = time.monotonic()
+        try:
+            out = await _step(client, step, checks, base)
+        except ProvisionError:
+            raise
+        except (TimeoutError, AgentError) as exc:
+            raise ProvisionError(step.label, str(exc) or "timed out") from exc
+        report.append({"step": step.label, "seconds": time.monotonic() - t0,
+                       "output": out[-2000:]})
+    return report

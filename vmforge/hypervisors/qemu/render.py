@@ -1,16 +1,28 @@
-"""QEMU backend, pure part: LaunchPlan + HostFacts -> argv. No I/O here.
+"""QEMU backend, pure part: MachinePlan + HostFacts -> argv. No I/O here.
 
 Per-machine quirks live in :func:`machine_args` and the ``Machine`` enum, not at call sites.
 """
 
 from __future__ import annotations
 
-from ..errors import HostError
-from ..spec import Firmware, Machine
-from .host import HostFacts
-from .plan import AGENT_PORT_NAME, LaunchPlan
+from pathlib import Path
 
-__all__ = ["qemu_argv", "machine_args", "virtio_device", "kernel_cmdline"]
+from ...errors import HostError
+from ...spec import Firmware, Machine
+from ..base import Accel
+from ..host import HostFacts
+from ..plan import AGENT_PORT_NAME, MachinePlan
+
+__all__ = ["qemu_argv", "machine_args", "virtio_device", "kernel_cmdline", "qmp_socket",
+           "pidfile"]
+
+
+def qmp_socket(plan_run_dir: str) -> str:
+    return str(Path(plan_run_dir) / "qmp.sock")
+
+
+def pidfile(vm_dir: str) -> str:
+    return str(Path(vm_dir) / "qemu.pid")
 
 _MICROVM = "microvm,x-option-roms=off,rtc=on,isa-serial=on,pit=on,pic=on"
 
@@ -20,16 +32,17 @@ def virtio_device(kind: str, machine: Machine) -> str:
     return f"virtio-{kind}-device" if machine is Machine.MICROVM else f"virtio-{kind}-pci"
 
 
-def machine_args(plan: LaunchPlan, host: HostFacts) -> list[str]:
+def machine_args(plan: MachinePlan, host: HostFacts) -> list[str]:
     m = _MICROVM if plan.machine is Machine.MICROVM else plan.machine.value
-    args = ["-machine", f"{m},accel={host.accel}"]
-    args += ["-cpu", "host" if host.accel == "kvm" else "max" if plan.machine is Machine.MICROVM
+    args = ["-machine", f"{m},accel={plan.accel.value}"]
+    args += ["-cpu", "host" if plan.accel is Accel.KVM else "max" if plan.machine is Machine.MICROVM
              else "qemu64"]
     return args
 
 
-def kernel_cmdline(plan: LaunchPlan, host: HostFacts) -> str:
-    assert plan.kernel is not None
+def kernel_cmdline(plan: MachinePlan, host: HostFacts) -> str:
+    if plan.kernel is None:
+        return ""
     cmdline = plan.kernel.cmdline
     if plan.machine is Machine.MICROVM and host.tsc_khz and "tsc_early_khz" not in cmdline:
         # Without it the guest hangs in about half the boots calibrating the TSC.
@@ -43,21 +56,21 @@ def _cdrom_bus(machine: Machine, index: int) -> str:
     return f"ide.{index // 2},unit={index % 2}"
 
 
-def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> list[str]:
+def qemu_argv(plan: MachinePlan, host: HostFacts) -> list[str]:
+    """The whole command line; QEMU daemonizes once its sockets exist (see driver.start)."""
     argv = [host.qemu_binary, "-name", f"{plan.name},debug-threads=on", "-nodefaults",
             "-no-user-config", "-display", "none", "-vga", "none"]
     argv += machine_args(plan, host)
     argv += ["-smp", str(plan.cpu_cores), "-m", str(plan.memory_mib)]
     if plan.firmware is Firmware.UEFI:
-        if not host.ovmf_code or not plan.uefi_vars:
+        if not host.ovmf_code or not plan.nvram:
             raise HostError("UEFI firmware requested but OVMF was not found",
                             hint="apt-get install ovmf")
         argv += ["-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={host.ovmf_code}",
-                 "-drive", f"if=pflash,format=raw,unit=1,file={plan.uefi_vars}"]
+                 "-drive", f"if=pflash,format=raw,unit=1,file={plan.nvram}"]
     argv += ["-chardev", f"file,id=console,path={plan.console_log}", "-serial", "chardev:console",
-             "-qmp", f"unix:{plan.qmp_socket},server=on,wait=off", "-pidfile", plan.pidfile]
-    if daemonize:
-        argv.append("-daemonize")
+             "-qmp", f"unix:{qmp_socket(plan.run_dir)},server=on,wait=off",
+             "-pidfile", pidfile(plan.vm_dir), "-daemonize"]
     if plan.kernel:
         argv += ["-kernel", plan.kernel.kernel]
         if plan.kernel.initrd:
@@ -65,8 +78,6 @@ def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> l
         argv += ["-append", kernel_cmdline(plan, host)]
     for d in plan.disks:
         opts = f"file={d.path},if=none,id={d.id},format={d.format},discard=unmap"
-        if d.readonly:
-            opts += ",readonly=on"
         dev = f"{virtio_device('blk', plan.machine)},drive={d.id},serial={d.id[:20]}"
         if d.bootindex is not None:
             dev += f",bootindex={d.bootindex}"
@@ -90,13 +101,13 @@ def qemu_argv(plan: LaunchPlan, host: HostFacts, *, daemonize: bool = True) -> l
         if i == 0 and plan.net_bootindex is not None:
             dev += f",bootindex={plan.net_bootindex}"
         argv += ["-netdev", netdev, "-device", dev]
-    if plan.agent_socket:
-        argv += ["-chardev", f"socket,id=agent,path={plan.agent_socket},server=on,wait=off",
+    agent = plan.agent
+    if agent and agent.socket:
+        argv += ["-chardev", f"socket,id=agent,path={agent.socket},server=on,wait=off",
                  "-device", f"{virtio_device('serial', plan.machine)},id=vser0",
                  "-device", f"virtserialport,bus=vser0.0,chardev=agent,name={AGENT_PORT_NAME}"]
-    if plan.vsock_cid is not None:
+    if agent and agent.cid is not None:
         kind = "vhost-vsock-device" if plan.machine is Machine.MICROVM else "vhost-vsock-pci"
-        argv += ["-device", f"{kind},guest-cid={plan.vsock_cid}"]
+        argv += ["-device", f"{kind},guest-cid={agent.cid}"]
     argv += ["-device", f"{virtio_device('rng', plan.machine)}"]
-    argv += list(plan.extra_args)
     return argv

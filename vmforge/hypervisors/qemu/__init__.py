@@ -1,0 +1,1 @@
+"""The QEMU backend: ``render`` (pure argv) and ``driver`` (process control)."""

@@ -1,0 +1,50 @@
+"""VM states and the transitions allowed between them (the only writer is the manager's
+``_transition``, guarded by a per-VM lock and a conditional UPDATE)::
+
+    creating -> created -> starting -> running -> stopping -> stopped
+                               |          |                     |
+                               |          +-> crashed (the hypervisor died / the guest panicked)
+                               +-> stopped (start failed or its starter died before QEMU ran)
+    created | stopped | crashed -> starting
+    any (with rm -f for running ones) -> deleting -> (row removed)
+
+``broken`` is never stored: it is how a row whose stored spec no longer parses is shown.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["VmState", "STARTABLE", "LIVE", "TRANSIENT", "TRANSITIONS"]
+
+
+class VmState(enum.StrEnum):
+    CREATING = "creating"
+    CREATED = "created"
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    CRASHED = "crashed"
+    DELETING = "deleting"
+    BROKEN = "broken"
+
+
+STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
+# A hypervisor process may exist in these states.
+LIVE = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+# Held only while a vmforge process works on the VM (under its lock); found unlocked, the
+# worker died and the next command finishes or rolls back its work.
+TRANSIENT = (VmState.CREATING, VmState.STARTING, VmState.STOPPING, VmState.DELETING)
+
+TRANSITIONS: dict[VmState, tuple[VmState, ...]] = {
+    VmState.CREATING: (VmState.CREATED, VmState.DELETING),
+    VmState.CREATED: (VmState.STARTING, VmState.DELETING),
+    VmState.STARTING: (VmState.RUNNING, VmState.STOPPED, VmState.DELETING),
+    VmState.RUNNING: (VmState.STOPPING, VmState.CRASHED, VmState.STOPPED, VmState.DELETING),
+    VmState.STOPPING: (VmState.STOPPED, VmState.RUNNING, VmState.DELETING),
+    VmState.STOPPED: (VmState.STARTING, VmState.DELETING),
+    VmState.CRASHED: (VmState.STARTING, VmState.DELETING),
+    VmState.DELETING: (),
+    VmState.BROKEN: (VmState.DELETING,),
+}
