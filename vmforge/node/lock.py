@@ -15,7 +15,19 @@ from types import TracebackType
 
 from ..errors import InvalidState
 
-__all__ = ["VmLock"]
+__all__ = ["VmLock", "DEFAULT_TIMEOUT"]
+
+# How long an operation waits for another one on the same VM (``VMFORGE_LOCK_TIMEOUT``).
+DEFAULT_TIMEOUT = 30.0
+
+
+def _timeout(given: float | None) -> float:
+    if given is not None:
+        return given
+    try:
+        return float(os.environ.get("VMFORGE_LOCK_TIMEOUT", DEFAULT_TIMEOUT))
+    except ValueError:
+        return DEFAULT_TIMEOUT
 
 
 class VmLock:
@@ -58,7 +70,8 @@ class VmLock:
         except OSError:
             return "?"
 
-    def acquire(self, timeout: float = 30.0) -> None:
+    def acquire(self, timeout: float | None = None) -> None:
+        timeout = _timeout(timeout)
         deadline = time.monotonic() + timeout
         while not self.try_acquire():
             if time.monotonic() > deadline:
@@ -67,7 +80,8 @@ class VmLock:
                                    hint="wait for it to finish, or stop that process")
             time.sleep(0.05)
 
-    async def acquire_async(self, timeout: float = 30.0) -> None:
+    async def acquire_async(self, timeout: float | None = None) -> None:
+        timeout = _timeout(timeout)
         deadline = time.monotonic() + timeout
         while not self.try_acquire():
             if time.monotonic() > deadline:

@@ -44,6 +44,7 @@ from ..errors import (
     VmforgeError,
     VmNotFound,
 )
+from ..failpoints import hit
 from ..hypervisors import get_driver
 from ..hypervisors.base import Accel, Backend, Driver, Liveness, Runtime, StopOutcome
 from ..hypervisors.host import HostFacts, KvmVerdict, choose_accel, probe_host
@@ -325,6 +326,7 @@ class VmManager:
         for rt in (rec.runtime, drv.find(rec.name, rec.dir)):
             if rt is not None:
                 drv.kill(rt)
+        hit("delete.killed")
         drv.cleanup(rec.runtime, rec.name, rec.dir)
         shutil.rmtree(rec.dir, ignore_errors=True)
         socks = rec.paths.sockets
@@ -401,6 +403,7 @@ class VmManager:
             except sqlite3.IntegrityError:
                 raise VmExists(f"a VM named {req.name!r} already exists",
                                hint="pick another --name or `vmforge rm` it first") from None
+            hit("create.row")
             tmp = self.data.vms / f".{req.name}.creating-{os.getpid()}"
             try:
                 if final.exists():
@@ -415,7 +418,9 @@ class VmManager:
                                           Path(guest.__file__).read_bytes(),
                                           find_ssh_public_key())
                 _write_private(tmp / "spec.json", req.model_dump_json(by_alias=True, indent=2))
+                hit("create.artifacts")
                 os.rename(tmp, final)
+                hit("create.renamed")
                 self._set(req.name, state=VmState.CREATED.value)
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -467,9 +472,14 @@ class VmManager:
             self._transition(name, STARTABLE, VmState.STARTING, last_error=None,
                              stop_reason=None)
             progress(Event(name, "state", VmState.STARTING.value))
+            hit("start.starting")
             started = time.time()
+
+            def record(r: Runtime) -> None:
+                self._set(name, runtime=r.to_json())
+                hit("start.recorded" if r.pid is None else "start.launched")
             try:
-                rt = drv.start(mp, host, lambda r: self._set(name, runtime=r.to_json()))
+                rt = drv.start(mp, host, record)
             except BaseException as exc:
                 found = drv.find(name, rec.dir)
                 if found is not None:  # e.g. interrupted after QEMU daemonized
@@ -480,6 +490,7 @@ class VmManager:
                 raise
             self._set(name, state=VmState.RUNNING.value, runtime=rt.to_json(),
                       started_at=started, ready_at=None, stopped_at=None)
+            hit("start.running")
         finally:
             lock.release()
         progress(Event(name, "state", VmState.RUNNING.value))
@@ -492,6 +503,7 @@ class VmManager:
         rec = self.get(name)
         if rec.state is not VmState.RUNNING or rec.runtime is None:
             raise InvalidState(f"VM {name} is {rec.state.value}, not running")
+        hit("wait.agent")
         if rec.req.spec.agent.enabled:
             ready_at = await self._wait_agent(rec, timeout)
         else:
@@ -589,6 +601,7 @@ class VmManager:
     async def _stop_locked(self, rec: VmRecord, timeout: float) -> StopOutcome:
         name = rec.name
         self._transition(name, (VmState.RUNNING,), VmState.STOPPING)
+        hit("stop.stopping")
         assert rec.runtime is not None  # running rows have a runtime
         drv = self.driver(rec.backend)
         deadline = time.monotonic() + timeout
@@ -620,6 +633,7 @@ class VmManager:
         try:
             await client.connect(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
             await client.call("shutdown", timeout=5)
+            hit("stop.agent-asked")
         except (TimeoutError, AgentError, OSError):
             return False
         finally:
@@ -678,6 +692,7 @@ class VmManager:
                 except VmError:
                     pass
             self._set(name, state=VmState.DELETING.value)
+            hit("delete.deleting")
             self._finish_delete(self._row(name) or rec)
         finally:
             lock.release(unlink=True)
