@@ -205,9 +205,18 @@ class Database:
         self._local = threading.local()
 
 
+def _disk_full(path: Path) -> bool:
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 64 * 1024
+
+
 def _state_error(exc: BaseException, path: Path) -> StateError:
     text = str(exc)
-    if "full" in text or getattr(exc, "errno", None) == 28:
+    # SQLite says "disk I/O error" when it cannot create its WAL index on a full disk.
+    if "full" in text or getattr(exc, "errno", None) == 28 or _disk_full(path):
         return StateError(f"the state file {path} cannot be written: the disk is full",
                           hint=f"free space on the filesystem holding {path.parent}")
     if isinstance(exc, PermissionError) or "readonly" in text or "permission" in text.lower():
