@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_file"]
+__all__ = ["atomic_path", "write_file", "tail_text"]
 
 
 @contextmanager
@@ -28,3 +28,15 @@ def write_file(path: Path, text: str, mode: int = 0o644) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     path.chmod(mode)
+
+
+def tail_text(path: str | Path, lines: int = 25, max_bytes: int = 16384) -> str:
+    """The last ``lines`` lines of a (console) log, reading at most ``max_bytes`` from its end."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - max_bytes))
+            data = f.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])

@@ -119,3 +119,15 @@ def test_plan_shows_argv_images_and_seed_without_creating_anything(tmp_path: Pat
     assert "user-data" in p["seed"] and "meta-data" in p["seed"]
     json.dumps(p)
     assert m.vms() == [] and not (m.data.vms / "p1").exists()
+
+
+def test_the_manager_never_imports_a_backend_module() -> None:
+    import ast
+
+    import vmforge.node.manager as manager_module
+    tree = ast.parse(Path(manager_module.__file__).read_text())
+    imported = {n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    backends = [m for m in imported if any(b in m for b in ("qemu", "libvirt", "firecracker",
+                                                              "cloud_hypervisor"))]
+    assert backends == []

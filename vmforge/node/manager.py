@@ -45,6 +45,7 @@ from ..errors import (
     VmNotFound,
 )
 from ..failpoints import hit
+from ..fsutil import tail_text
 from ..hypervisors import get_driver
 from ..hypervisors.base import Accel, Backend, Driver, Liveness, Runtime, StopOutcome
 from ..hypervisors.host import HostFacts, KvmVerdict, choose_accel, probe_host
@@ -518,8 +519,7 @@ class VmManager:
                                                                     Liveness.PAUSED)
 
     def _console_tail(self, rec: VmRecord, lines: int = 25) -> str:
-        from ..hypervisors.qemu.driver import console_tail
-        return console_tail(rec.paths.console, lines)
+        return tail_text(rec.paths.console, lines)
 
     async def _wait_agent(self, rec: VmRecord, timeout: float) -> float:
         from ..agent.client import AgentClient

@@ -18,6 +18,7 @@ from typing import Any
 
 from ... import run
 from ...errors import CommandError, LaunchError
+from ...fsutil import tail_text as console_tail
 from ...paths import VmPaths
 from ..base import (
     AGENT_VSOCK_PORT,
@@ -40,17 +41,6 @@ from .render import pidfile, qemu_argv, qmp_socket
 __all__ = ["QemuDriver", "pid_alive", "wait_gone", "kill_pid", "console_tail", "qmp"]
 
 POWER_OFF_MARKS = ("reboot: Power down", "System halted")
-
-
-def console_tail(path: str | Path, lines: int = 25) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            data = f.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
 
 
 def _cmdline(pid: int) -> list[str] | None:
