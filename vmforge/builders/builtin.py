@@ -2,11 +2,14 @@
 
 A spec that names one of them works on a fresh machine: the image is built (cached by its
 recipe) and registered, unless the library's latest version already is that very build.
+Building and registering hold a lock per data directory and image name, and the catalog is
+read again once it is held: eight first uses at once make one build and one version.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -18,30 +21,55 @@ __all__ = ["BUILTIN", "register_minimal", "register_debian", "ensure_builtin"]
 Progress = Callable[[str], None]
 
 
+def _lock(library: Library, name: str, progress: Progress) -> AbstractContextManager[None]:
+    return library.lock(f"builtin-{name}", waiting=lambda: progress(
+        f"waiting for another vmforge that is building {name}"))
+
+
+def _same_build(library: Library, name: str, key: str, files: dict[str, Path],
+                progress: Progress) -> Image | None:
+    """The latest version of ``name`` if it is this very build; its stored files are stored
+    again (same version) if they were damaged."""
+    latest = library.find(name)
+    if latest is None or (latest.recipe or {}).get("key") != key:
+        return None
+    if library.is_intact(latest):
+        return latest
+    progress(f"{latest.ref} is damaged: storing its files again")
+    return library.attach(latest, files)
+
+
 def register_minimal(library: Library, cache: Path, name: str = "minimal",
                      progress: Progress = lambda _m: None) -> Image:
+    with _lock(library, name, progress):
+        return _register_minimal(library, cache, name, progress)
+
+
+def _register_minimal(library: Library, cache: Path, name: str, progress: Progress) -> Image:
     from .minimal import build_minimal
 
     art = build_minimal(cache, progress=progress)
-    latest = library.find(name)
-    if latest and (latest.recipe or {}).get("key") == art.key:
-        return latest
+    files = {"kernel": art.vmlinuz, "vmlinux": art.vmlinux, "initrd": art.initrd}
+    if same := _same_build(library, name, art.key, files, progress):
+        return same
     recipe: dict[str, Any] = {**art.recipe(), "agent": True}
-    return library.add(name, {"kernel": art.vmlinuz, "vmlinux": art.vmlinux,
-                              "initrd": art.initrd}, kind="kernel", cmdline=art.cmdline,
+    return library.add(name, files, kind="kernel", cmdline=art.cmdline,
                        source="build:minimal", recipe=recipe)
 
 
 def register_debian(library: Library, cache: Path, name: str = "debian",
                     progress: Progress = lambda _m: None, recipe: Any = None) -> Image:
+    with _lock(library, name, progress):
+        return _register_debian(library, cache, name, progress, recipe)
+
+
+def _register_debian(library: Library, cache: Path, name: str, progress: Progress,
+                     recipe: Any = None) -> Image:
     from ..images.kernel import extract_vmlinux
     from ..images.qcow2 import image_info
     from .debian import build_debian
 
     art = build_debian(cache, recipe, progress=progress)
-    latest = library.find(name)
-    if latest and (latest.recipe or {}).get("key") == art.key:
-        return latest
     files = {"disk": art.disk, "kernel": art.kernel, "initrd": art.initrd}
     vmlinux = art.dir / "vmlinux"
     try:  # XZ kernels gain most from PVH; LZ4 ones (the cloud kernel) unpack fast anyway
@@ -50,6 +78,8 @@ def register_debian(library: Library, cache: Path, name: str = "debian",
         files["vmlinux"] = vmlinux
     except BuildError:
         pass
+    if same := _same_build(library, name, art.key, files, progress):
+        return same
     info = image_info(art.disk)
     return library.add(name, files, kind="disk", format="qcow2", cmdline=art.cmdline,
                        source="build:debian", recipe=art.recipe(),
@@ -58,13 +88,21 @@ def register_debian(library: Library, cache: Path, name: str = "debian",
 
 BUILTIN: dict[str, Callable[..., Image]] = {"minimal": register_minimal,
                                             "debian": register_debian}
+_UNLOCKED: dict[str, Callable[[Library, Path, str, Progress], Image]] = {
+    "minimal": _register_minimal, "debian": _register_debian}
 
 
 def ensure_builtin(library: Library, cache: Path, ref: str,
                    progress: Progress = lambda _m: None) -> Image | None:
-    """Build a missing built-in image named by ``ref``; None if ``ref`` is not built-in."""
+    """The built-in image ``ref`` names (latest version), built if the library lacks it;
+    None if ``ref`` is not a built-in name or pins a version."""
     name, version = parse_ref(ref)
-    if name not in BUILTIN or library.find(ref) is not None or version not in (None,):
+    if name not in BUILTIN or version is not None:
         return None
-    progress(f"image {name} is not in the library yet: building it (cached by recipe)")
-    return BUILTIN[name](library, cache, name, progress)
+    if (img := library.find(name)) is not None:
+        return img
+    with _lock(library, name, progress):
+        if (img := library.find(name)) is not None:  # built while we waited for the lock
+            return img
+        progress(f"image {name} is not in the library yet: building it (cached by recipe)")
+        return _UNLOCKED[name](library, cache, name, progress)

@@ -141,10 +141,4 @@ def attach_kernel(library: Library, image: Image, workdir: Path) -> Image:
     if disk is None:
         raise ImageError(f"{image.ref} has no disk")
     kernel, initrd, cmdline = extract_kernel(disk, image.format or "qcow2", workdir)
-    files = dict(image.files)
-    files["kernel"] = library.store_file(kernel)
-    files["initrd"] = library.store_file(initrd)
-    with library.db.tx() as c:
-        c.execute("UPDATE images SET files=?, cmdline=COALESCE(cmdline, ?) WHERE id=?",
-                  (json.dumps(files), cmdline, image.id))
-    return library.get(image.id)
+    return library.attach(image, {"kernel": kernel, "initrd": initrd}, cmdline=cmdline)

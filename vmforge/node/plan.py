@@ -136,10 +136,8 @@ def pinned_inputs(req: VmRequest, library: Library, pins: dict[str, int]) -> Inp
 
 def _check_intact(library: Library, inputs: Inputs) -> None:
     """A cheap check (size and mtime) that no blob changed since it was stored."""
-    check = getattr(library, "check_intact", None)
-    if check is not None:
-        for img in inputs.images:
-            check(img)
+    for img in inputs.images:
+        library.check_intact(img)
 
 
 def check_host(req: VmRequest, host: HostFacts) -> None:
