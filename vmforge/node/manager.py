@@ -56,7 +56,7 @@ from ..state import Database
 from . import plan as planmod
 from .events import Event, Progress, adapt, no_progress
 from .lock import VmLock
-from .states import LIVE, STARTABLE, TRANSIENT, VmState
+from .states import LIVE, STARTABLE, TRANSIENT, ExitReason, VmState
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
@@ -278,15 +278,32 @@ class VmManager:
                 self._set(rec.name, runtime=rt.to_json())
                 return self.get(rec.name, reconcile=False)
             return rec
-        new = VmState.STOPPED if live is Liveness.POWERED_OFF else VmState.CRASHED
-        reason = "guest powered off" if new is VmState.STOPPED else \
-            f"the {rec.backend.value} process died unexpectedly"
+        # A supervisor that watched it die said why; else the driver's reading tells.
+        try:
+            reason = ExitReason(rec.stop_reason or "")
+        except ValueError:
+            reason = ExitReason.GUEST_SHUTDOWN if live is Liveness.POWERED_OFF \
+                else ExitReason.HYPERVISOR_DIED
+        new = VmState.CRASHED if reason.crashed else VmState.STOPPED
+        error = None
+        if reason is ExitReason.HYPERVISOR_DIED:
+            error = f"the {rec.backend.value} process died unexpectedly"
+        elif reason is ExitReason.GUEST_PANIC:
+            error = "the guest kernel panicked"
         with self.db.tx() as c:  # only if nobody changed it meanwhile (a stop in progress)
             c.execute("UPDATE vms SET state=?, runtime=NULL, stopped_at=?, stop_reason=?, "
                       "last_error=? WHERE name=? AND state='running'",
-                      (new.value, time.time(), reason,
-                       None if new is VmState.STOPPED else reason, rec.name))
+                      (new.value, time.time(), reason.value, error, rec.name))
         return self.get(rec.name, reconcile=False)
+
+    def record_exit(self, name: str, reason: ExitReason) -> VmRecord:
+        """What a supervisor saw (QMP ``SHUTDOWN``/``GUEST_PANICKED``, the monitor closing, a
+        libvirt lifecycle event): remembered while the row says running, then the row is
+        reconciled (running only while the hypervisor process really runs)."""
+        with self.db.tx() as c:
+            c.execute("UPDATE vms SET stop_reason=? WHERE name=? AND state='running'",
+                      (reason.value, name))
+        return self.get(name)
 
     def _recover(self, name: str) -> VmRecord | None:
         """Finish or roll back the work of a dead vmforge. The caller holds the VM's lock."""
@@ -309,7 +326,7 @@ class VmManager:
                       last_error="start was interrupted (the vmforge process starting it died)")
         else:
             self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
-                      stop_reason=rec.stop_reason or "stopped (its stop was interrupted)")
+                      stop_reason=ExitReason.STOPPED.value)
         return self._row(name)
 
     def _discard(self, rec: VmRecord) -> None:
@@ -619,7 +636,7 @@ class VmManager:
                 self._set(name, state=VmState.RUNNING.value)
             else:
                 self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
-                          stop_reason="stopped by vmforge")
+                          stop_reason=ExitReason.STOPPED.value)
         if live in (Liveness.RUNNING, Liveness.PAUSED):
             raise VmError(f"VM {name} is still running after stop",
                           hint=f"`vmforge kill {name}`")
@@ -663,7 +680,7 @@ class VmManager:
                 if rt is not None and drv.kill(rt) is StopOutcome.KILLED:
                     outcome = StopOutcome.KILLED
             self._set(name, state=VmState.STOPPED.value, runtime=None, stopped_at=time.time(),
-                      stop_reason="killed")
+                      stop_reason=ExitReason.STOPPED.value)
             return outcome
         finally:
             lock.release()

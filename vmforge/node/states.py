@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 
-__all__ = ["VmState", "STARTABLE", "LIVE", "TRANSIENT", "TRANSITIONS"]
+__all__ = ["VmState", "ExitReason", "STARTABLE", "LIVE", "TRANSIENT", "TRANSITIONS"]
 
 
 class VmState(enum.StrEnum):
@@ -28,6 +28,19 @@ class VmState(enum.StrEnum):
     CRASHED = "crashed"
     DELETING = "deleting"
     BROKEN = "broken"
+
+
+class ExitReason(enum.StrEnum):
+    """Why a VM stopped running: recorded by a supervisor that watched it (the daemon's QMP or
+    libvirt event connection), else inferred when the process is found gone."""
+    GUEST_SHUTDOWN = "guest-shutdown"    # the guest powered itself off
+    GUEST_PANIC = "guest-panic"          # the guest kernel panicked
+    HYPERVISOR_DIED = "hypervisor-died"  # the hypervisor process died (killed, crashed)
+    STOPPED = "stopped"                  # vmforge stopped it (stop, kill, rm -f)
+
+    @property
+    def crashed(self) -> bool:
+        return self in (ExitReason.GUEST_PANIC, ExitReason.HYPERVISOR_DIED)
 
 
 STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
