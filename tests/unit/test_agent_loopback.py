@@ -38,19 +38,7 @@ def serve(srv: socket.socket, handshake: bool, stop: threading.Event) -> None:
                     conn.sendall(b"ERR\n")
                     continue
                 conn.sendall(b"OK 1073741824\n")
-            agent = guest.Agent(conn.sendall, 1.0)
-            agent.hello()
-            dec = guest.Decoder()
-            while True:
-                try:
-                    data = conn.recv(1 << 20)
-                except OSError:
-                    break
-                if not data:
-                    break
-                for msg in dec.feed(data):
-                    agent.handle(msg)
-            agent.disconnected()
+            guest.serve_stream(conn, 1.0)  # the guest's own per-connection loop (vsock)
 
 
 @pytest.fixture(params=[True, False], ids=["hybrid-vsock", "unix"])

@@ -1,15 +1,38 @@
 """Host side of the agent protocol: an asyncio client with overlapping calls and streaming.
 
-Connections: a unix socket (QEMU's virtio-serial chardev, libvirt's channel) or a hybrid-vsock
-unix socket (Firecracker, Cloud Hypervisor) after a ``CONNECT <port>`` handshake.
+Endpoints (``AgentClient(endpoint)``):
+
+- a unix socket path: QEMU's virtio-serial chardev or libvirt's channel;
+- ``vsock:CID:PORT``: AF_VSOCK, where the host has vhost-vsock;
+- ``hvsock:PATH:PORT`` (or a path with ``hybrid_port=``): Firecracker / Cloud Hypervisor hybrid
+  vsock, a unix socket that takes ``CONNECT <port>`` and then carries one vsock stream.
+
+A virtio-serial channel carries **one host connection at a time**: QEMU's chardev accepts one
+client and leaves the rest in a listen backlog of one, so concurrent clients (50 parallel
+``vmforge exec``) used to be reset. Calls of one client overlap (every call has an id), but
+separate processes cannot share a connection, so clients of a plain unix-socket endpoint queue
+on an exclusive ``flock`` of ``<socket>.lock`` held from ``connect`` to ``close``: the kernel
+drops it when its holder dies, the free case costs one system call (no sleep), and the wait is
+bounded (``queue_timeout``, default 60 s, or ``$VMFORGE_AGENT_QUEUE_TIMEOUT``) before an
+"agent busy" error. vsock and hybrid vsock give every client its own stream: never serialised.
+
+Readiness is a hello from the *current* boot: the guest reports its kernel ``boot_id``, and a
+client that asked for a reboot (or a caller passing ``not_boot=``) ignores hellos of the boot it
+left. Under virtio-serial the host socket survives a guest reboot, so the hello of the session
+that asked for the reboot would otherwise count as readiness.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import errno
+import fcntl
 import hashlib
+import io
 import itertools
+import logging
 import os
 import random
 import socket
@@ -19,15 +42,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AgentError, AgentTimeout, RemoteError
+from ..errors import AgentError, AgentTimeout, RemoteError, SpecError
 from .protocol import Decoder, encode
 
-__all__ = ["AgentClient", "ExecResult", "connect", "parse_vsock", "CHUNK"]
+__all__ = ["AgentClient", "ExecResult", "ChannelLock", "connect", "parse_vsock",
+           "parse_hvsock", "queue_timeout_from_env", "CHUNK", "DEFAULT_QUEUE_TIMEOUT",
+           "QUEUE_TIMEOUT_ENV"]
+
+log = logging.getLogger("vmforge.agent")
 
 CHUNK = 512 * 1024
 WINDOW = 8
+DEFAULT_QUEUE_TIMEOUT = 60.0
+QUEUE_TIMEOUT_ENV = "VMFORGE_AGENT_QUEUE_TIMEOUT"
+_HINT_RUNNING = "is the VM running? `vmforge ls`"
 
 StreamFn = Callable[[str, bytes], Awaitable[None] | None]
+QueuedFn = Callable[[str], None]
 
 
 @dataclass
@@ -51,10 +82,164 @@ class _Call:
     chunks: list[tuple[str, bytes]] = field(default_factory=list)
 
 
+def queue_timeout_from_env(default: float = DEFAULT_QUEUE_TIMEOUT) -> float:
+    """``$VMFORGE_AGENT_QUEUE_TIMEOUT`` in seconds (0 = do not wait), else ``default``."""
+    raw = os.environ.get(QUEUE_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise SpecError(f"{raw!r} is not a number of seconds", field=QUEUE_TIMEOUT_ENV,
+                        hint=f"e.g. {QUEUE_TIMEOUT_ENV}=120; 0 fails at once when busy")
+    return value
+
+
+class ChannelLock:
+    """One host connection at a time on a virtio-serial agent channel, across processes.
+
+    An exclusive ``flock`` of ``<socket>.lock`` (0600, beside the socket; in the temporary
+    directory if that directory is read-only to us). flock belongs to the open file, so two
+    clients in one process queue as two processes do, and the kernel releases it when the
+    holder exits or is killed. The holder writes its pid into the file so that waiters can say
+    whom they wait for. The file is never unlinked: unlinking a lock file races with waiters,
+    and it goes with the VM directory.
+    """
+
+    POLL_MIN = 0.002
+    POLL_MAX = 0.05
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.path = socket_path + ".lock"
+        self._file: io.FileIO | None = None
+        self.held = False
+
+    def _open(self) -> io.FileIO:
+        if self._file is None:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError):
+                    raise  # no VM directory: the caller's "cannot connect"
+                # A socket in a directory we cannot write (a libvirt channel directory):
+                # lock a per-user file named after the socket instead.
+                import tempfile  # rare: kept off the start-up path of `vmforge exec`
+
+                digest = hashlib.sha256(os.path.realpath(self.socket_path).encode()).hexdigest()
+                self.path = os.path.join(tempfile.gettempdir(),
+                                         f"vmforge-agent-{os.getuid()}-{digest[:20]}.lock")
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._file = io.FileIO(fd, "r+", closefd=True)
+        return self._file
+
+    def try_acquire(self) -> bool:
+        """Take the lock if it is free; never blocks."""
+        f = self._open()
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        self.held = True
+        try:
+            os.ftruncate(f.fileno(), 0)
+            os.pwrite(f.fileno(), f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # only informational (a full disk must not stop a connection)
+        return True
+
+    def holder(self) -> str:
+        """Who holds the lock, for messages: ``pid N (command line)`` when known."""
+        try:
+            raw = os.pread(self._open().fileno(), 32, 0).decode().strip()
+            pid = int(raw)
+        except (OSError, ValueError, UnicodeDecodeError):
+            return "another client"
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        except OSError:
+            return f"pid {pid}"
+        if argv and os.path.basename(argv[0]).startswith("python") and argv[1:2] == ["-m"]:
+            argv = argv[2:]
+        cmd = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(argv))
+        return f"pid {pid} ({cmd[:100]})" if cmd else f"pid {pid}"
+
+    async def acquire(self, timeout: float, on_queued: QueuedFn | None = None) -> None:
+        """Take the lock, waiting at most ``timeout`` seconds; else AgentError("agent busy").
+
+        Free: one flock call. Busy: polls with a growing, jittered delay (2 ms to 50 ms), which
+        costs 64 waiters about a thousand cheap system calls a second and stays cancellable; a
+        blocking flock in a thread could be neither cancelled nor bounded.
+        """
+        if self.try_acquire():
+            return
+        if timeout > 0:
+            note = (f"the agent channel {self.socket_path} is in use by {self.holder()}; "
+                    f"queued (up to {timeout:g}s)")
+            log.info("%s", note)
+            if on_queued is not None:
+                on_queued(note)
+        t0 = time.monotonic()
+        delay = self.POLL_MIN
+        while True:
+            left = t0 + timeout - time.monotonic()
+            if left <= 0:
+                holder = self.holder()
+                self.release()
+                raise AgentError(
+                    f"agent busy: waited {timeout:g}s (the bound of the queue) for the agent "
+                    f"channel {self.socket_path}, in use by {holder}",
+                    hint="a virtio-serial agent channel carries one host connection at a time "
+                         "and other commands queue for it: wait for that command (or stop "
+                         f"it), or raise the bound with {QUEUE_TIMEOUT_ENV}=SECONDS")
+            await asyncio.sleep(min(left, delay * random.uniform(0.5, 1.5)))
+            if self.try_acquire():
+                log.debug("agent channel %s: acquired after %.3fs", self.socket_path,
+                          time.monotonic() - t0)
+                return
+            delay = min(delay * 1.5, self.POLL_MAX)
+
+    def release(self) -> None:
+        """Unlock and close (idempotent)."""
+        f, self._file = self._file, None
+        self.held = False
+        if f is not None:
+            f.close()  # closing the last descriptor of the open file releases the flock
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def _connection_lost(what: str, exc: BaseException) -> AgentError:
+    return AgentError(f"the agent connection was lost {what}: {_reason(exc)}",
+                      hint="the VM may have stopped or be rebooting: `vmforge ls`, "
+                           "`vmforge console NAME`")
+
+
 class AgentClient:
-    def __init__(self, path: str | Path, *, hybrid_port: int | None = None) -> None:
-        self.path = str(path)
+    """One connection to a guest agent, shared by any number of overlapping calls.
+
+    ``queue_timeout``: how long ``connect`` waits for a virtio-serial channel another client
+    holds (None: ``$VMFORGE_AGENT_QUEUE_TIMEOUT`` or 60 s). ``on_queued(message)`` is called
+    once if it has to wait.
+    """
+
+    def __init__(self, path: str | Path, *, hybrid_port: int | None = None,
+                 queue_timeout: float | None = None,
+                 on_queued: QueuedFn | None = None) -> None:
+        endpoint = str(path)
+        if endpoint.startswith("hvsock:"):
+            endpoint, hybrid_port = parse_hvsock(endpoint)
+        self.path = endpoint
         self.hybrid_port = hybrid_port
+        self.queue_timeout = queue_timeout_from_env() if queue_timeout is None \
+            else queue_timeout
+        self.on_queued = on_queued
+        self._lock: ChannelLock | None = None
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
@@ -62,6 +247,7 @@ class AgentClient:
         self._ids = itertools.count(random.randint(1, 1 << 30))
         self._hello = asyncio.Event()
         self._session: _Call | None = None
+        self._left_boot: str | None = None
         self.hello: dict[str, Any] | None = None
         self.skipped = 0
 
@@ -70,34 +256,93 @@ class AgentClient:
     def connected(self) -> bool:
         return self._writer is not None and not self._writer.is_closing()
 
+    @property
+    def exclusive(self) -> bool:
+        """Whether the endpoint takes one host connection at a time (virtio-serial)."""
+        return not self.path.startswith("vsock:") and self.hybrid_port is None
+
     async def connect(self, timeout: float = 10.0) -> AgentClient:
+        """Open the connection and start the session (a ``hello`` call).
+
+        ``timeout`` bounds waiting for the socket to appear and accept; waiting for a
+        virtio-serial channel that another client holds is bounded by ``queue_timeout``.
+        """
+        if self.connected:
+            return self
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                self._reader, self._writer = await self._open()
-                break
-            except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
-                    TimeoutError) as exc:
-                if time.monotonic() > deadline:
-                    raise AgentError(f"cannot connect to the agent socket {self.path}: {exc}",
-                                     hint="is the VM running? `vmforge ls`") from exc
-                await asyncio.sleep(0.05)
-        if self.hybrid_port is not None:
-            self._writer.write(f"CONNECT {self.hybrid_port}\n".encode())
-            line = await asyncio.wait_for(self._reader.readline(), timeout)
-            if not line.startswith(b"OK"):
-                raise AgentError(f"hybrid vsock handshake refused: {line!r}")
-        self._hello.clear()
-        self._task = asyncio.create_task(self._read_loop())
-        # The session handshake: answered once the agent runs; also tells the guest that
-        # whatever an earlier connection left half done is abandoned.
-        _mid, self._session = await self._send("hello", {}, None)
+        took_lock = False
+        try:
+            while True:
+                try:
+                    if self.exclusive and self._lock is None:
+                        lock = ChannelLock(self.path)
+                        try:
+                            await lock.acquire(self.queue_timeout, self.on_queued)
+                        except BaseException:
+                            lock.release()
+                            raise
+                        self._lock, took_lock = lock, True
+                    self._reader, self._writer = await self._open()
+                    break
+                except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
+                        BlockingIOError, TimeoutError) as exc:
+                    if time.monotonic() > deadline:
+                        raise AgentError(f"cannot connect to the agent socket {self.path}: "
+                                         f"{_reason(exc)}", hint=_HINT_RUNNING) from exc
+                    # A full backlog drains in milliseconds; a missing socket takes longer.
+                    await asyncio.sleep(0.005 if isinstance(exc, BlockingIOError) else 0.05)
+                except OSError as exc:
+                    raise AgentError(f"cannot connect to the agent socket {self.path}: "
+                                     f"{_reason(exc)}", hint=_HINT_RUNNING) from exc
+            if self.hybrid_port is not None:
+                await self._hybrid_handshake(max(0.5, deadline - time.monotonic()))
+            self.hello = None
+            self._hello.clear()
+            self._task = asyncio.create_task(self._read_loop())
+            # The session handshake: answered once the agent runs; also tells the guest that
+            # whatever an earlier connection left half done is abandoned.
+            _mid, self._session = await self._send("hello", {}, None)
+        except BaseException:
+            await self._drop_connection()
+            if took_lock and self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            raise
         return self
+
+    async def _hybrid_handshake(self, timeout: float) -> None:
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(f"CONNECT {self.hybrid_port}\n".encode())
+            await self._writer.drain()
+            line = await asyncio.wait_for(self._reader.readline(), timeout)
+        except TimeoutError:
+            raise AgentTimeout(f"hybrid vsock handshake on {self.path}: no answer in "
+                               f"{timeout:.1f}s", hint=_HINT_RUNNING) from None
+        except (ConnectionError, OSError) as exc:
+            raise _connection_lost("during the hybrid vsock handshake", exc) from exc
+        if not line.startswith(b"OK"):
+            raise AgentError(f"hybrid vsock handshake refused: {line!r}",
+                             hint="is the guest agent listening on vsock port "
+                                  f"{self.hybrid_port}?")
 
     async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         limit = 16 * 1024 * 1024
         if not self.path.startswith("vsock:"):
-            return await asyncio.open_unix_connection(self.path, limit=limit)
+            # Connected by hand: a unix connect either completes at once (accepted or queued
+            # in the listen backlog) or fails with EAGAIN when the backlog is full (QEMU's
+            # chardev listens with a backlog of one). asyncio's sock_connect takes EAGAIN for
+            # "in progress", waits for writability and returns an unconnected socket whose
+            # first write fails with ENOTCONN: the raw "ConnectionResetError: Connection
+            # lost" that 46 of 50 concurrent `vmforge exec` got. Here EAGAIN is retried.
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(self.path)
+            except BaseException:
+                sock.close()
+                raise
+            return await asyncio.open_unix_connection(sock=sock, limit=limit)
         cid, port = parse_vsock(self.path)
         sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
         sock.setblocking(False)
@@ -108,21 +353,27 @@ class AgentClient:
             raise
         return await asyncio.open_connection(sock=sock, limit=limit)
 
-    async def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            try:
-                await self._writer.wait_closed()
-            except OSError:
-                pass
+    async def _drop_connection(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
-        self._writer = None
-        self._fail_all(AgentError("connection closed"))
+            self._task = None
+
+    async def close(self) -> None:
+        """Close the connection, then let the next queued client have the channel."""
+        try:
+            await self._drop_connection()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            self._fail_all(AgentError("connection closed"))
 
     async def __aenter__(self) -> AgentClient:
         if not self.connected:
@@ -141,6 +392,7 @@ class AgentClient:
     async def _read_loop(self) -> None:
         assert self._reader is not None
         decoder = Decoder()
+        lost: BaseException | None = None
         try:
             while True:
                 data = await self._reader.read(1 << 20)
@@ -149,26 +401,32 @@ class AgentClient:
                 for msg in decoder.feed(data):
                     await self._dispatch(msg)
                 self.skipped = decoder.skipped
-        except (ConnectionError, OSError):
-            pass
-        self._fail_all(AgentError("the agent connection was closed (VM stopped or rebooting?)"))
+        except (ConnectionError, OSError) as exc:
+            lost = exc
+        self._fail_all(AgentError(
+            "the agent connection was closed" + (f" ({lost})" if lost else ""),
+            hint="the VM may have stopped or be rebooting: `vmforge ls`"))
         if self._writer is not None:
             self._writer.close()
 
     async def _dispatch(self, msg: dict[str, Any]) -> None:
         if msg.get("event") == "hello":
-            self.hello = msg.get("data") or {}
-            self._hello.set()
+            self._saw_hello(msg.get("data") or {})
             return
         call = self._pending.get(msg.get("id"))  # type: ignore[arg-type]
         if call is None:
             return  # a reply to a call of an earlier connection
         if "stream" in msg:
             data = base64.b64decode(msg.get("data", ""))
+            if call.future.done():
+                return  # the caller's stream callback failed: the rest is dropped
             if call.on_stream is not None:
-                res = call.on_stream(msg["stream"], data)
-                if asyncio.iscoroutine(res):
-                    await res
+                try:
+                    res = call.on_stream(msg["stream"], data)
+                    if asyncio.iscoroutine(res):
+                        await res
+                except Exception as exc:  # the caller's own error fails its call only
+                    call.future.set_exception(exc)
             else:
                 call.chunks.append((msg["stream"], data))
             return
@@ -181,60 +439,91 @@ class AgentClient:
                                                   kind=str(err.get("kind"))))
         else:
             call.future.set_result(msg.get("result"))
+            if call is self._session and isinstance(msg.get("result"), dict):
+                self._saw_hello(msg["result"])
+
+    def _saw_hello(self, data: dict[str, Any]) -> None:
+        self.hello = dict(data)
+        self._hello.set()
 
     # -- calls
     async def _send(self, call: str, args: dict[str, Any], on_stream: StreamFn | None
                     ) -> tuple[int, _Call]:
         if not self.connected and call != "hello":
             await self.connect()
-        assert self._writer is not None
+        if self._writer is None:
+            raise AgentError("not connected to the agent", hint=_HINT_RUNNING)
         mid = next(self._ids)
         pending = _Call(asyncio.get_running_loop().create_future(), on_stream)
         # Abandoned calls (timeouts, a hello race) must not log "exception never retrieved".
         pending.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._pending[mid] = pending
-        self._writer.write(encode({"id": mid, "call": call, "args": args}))
-        await self._writer.drain()
+        try:
+            self._writer.write(encode({"id": mid, "call": call, "args": args}))
+            await self._writer.drain()
+        except (ConnectionError, OSError, RuntimeError) as exc:
+            # RuntimeError: asyncio refuses writes to a transport closed under us.
+            self._pending.pop(mid, None)
+            raise _connection_lost(f"sending {call}", exc) from exc
         return mid, pending
 
-    async def call(self, name: str, args: dict[str, Any] | None = None, *,
-                   timeout: float | None = 30.0, on_stream: StreamFn | None = None) -> Any:
-        mid, pending = await self._send(name, args or {}, on_stream)
+    async def _result(self, mid: int, pending: _Call, timeout: float | None,
+                      what: str) -> Any:
         try:
             return await asyncio.wait_for(pending.future, timeout)
         except TimeoutError:
             self._pending.pop(mid, None)
-            raise AgentTimeout(f"agent call {name} got no answer in {timeout}s") from None
+            raise AgentTimeout(f"{what} got no answer in {timeout:g}s",
+                               hint="is the guest overloaded or hung? "
+                                    "`vmforge console NAME`") from None
 
-    async def wait_ready(self, timeout: float = 120.0) -> dict[str, Any]:
-        """Readiness: the guest's pushed hello, or its answer to the session ``hello`` call.
+    async def call(self, name: str, args: dict[str, Any] | None = None, *,
+                   timeout: float | None = 30.0, on_stream: StreamFn | None = None) -> Any:
+        mid, pending = await self._send(name, args or {}, on_stream)
+        return await self._result(mid, pending, timeout, f"agent call {name}")
+
+    async def wait_ready(self, timeout: float = 120.0, *,
+                         not_boot: str | None = None) -> dict[str, Any]:
+        """Readiness: a hello of the current boot, pushed by the guest or answering the
+        session ``hello`` call.
 
         The call is sent on connect; QEMU holds it until the agent opens its port, so a
-        booting guest answers with the push and a running one with the reply.
+        booting guest answers with the push and a running one with the reply. A hello whose
+        ``boot_id`` is ``not_boot``, or the boot this client rebooted (``reboot()``), is not
+        readiness: the next hello is awaited (the new boot's agent pushes one when it opens
+        its port; under vsock the connection drops and is made again).
         """
+        stale = not_boot or self._left_boot
         deadline = time.monotonic() + timeout
+        last: AgentError | None = None
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise AgentTimeout(f"the agent did not announce itself within {timeout:.0f}s")
+                why = f" (last error: {last.message})" if last is not None else ""
+                raise AgentTimeout(f"the agent did not announce itself within {timeout:.0f}s"
+                                   + (" after the reboot" if stale else "") + why,
+                                   hint="see `vmforge console NAME`")
             try:
                 if not self.connected:
                     await self.connect(timeout=left)
-                assert self._session is not None
-                session = self._session.future
+                hello = self.hello
+                if hello is not None and (stale is None or hello.get("boot_id") != stale):
+                    self._left_boot = None
+                    return hello
+                self._hello.clear()
+                assert self._task is not None
                 pushed = asyncio.ensure_future(self._hello.wait())
-                await asyncio.wait({pushed, session}, timeout=left,
+                await asyncio.wait({pushed, self._task}, timeout=left,
                                    return_when=asyncio.FIRST_COMPLETED)
                 pushed.cancel()
-                if session.done() and session.exception() is None:
-                    self.hello = dict(session.result())
-                    return self.hello
-                if self._hello.is_set():
-                    return self.hello or {}
-                if session.done():  # connection dropped (guest rebooting): reconnect
+                if not self._hello.is_set() and self._task.done():
+                    # connection dropped (guest rebooting, vsock): reconnect after a pause
+                    await self._drop_connection()
                     await asyncio.sleep(0.1)
-            except AgentError:
-                await asyncio.sleep(0.1)
+            except AgentError as exc:
+                last = exc
+                await self._drop_connection()
+                await asyncio.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
 
     async def wait_cloud_init(self, timeout: float = 600.0) -> dict[str, Any]:
         """Until cloud-init has finished (done, error) or is absent (not-installed, disabled).
@@ -268,11 +557,7 @@ class AgentClient:
             args["stdin"] = base64.b64encode(stdin).decode()
         mid, pending = await self._send("exec", args, on_output)
         wait = None if timeout is None else timeout + 30
-        try:
-            res = await asyncio.wait_for(pending.future, wait)
-        except TimeoutError:
-            self._pending.pop(mid, None)
-            raise AgentTimeout(f"exec {argv[0]} got no answer") from None
+        res = await self._result(mid, pending, wait, f"exec {argv[0] if argv else ''}")
         out = b"".join(d for s, d in pending.chunks if s == "stdout")
         err = b"".join(d for s, d in pending.chunks if s == "stderr")
         return ExecResult(res["exit_code"], res["signal"], res["timed_out"], res["duration"],
@@ -283,28 +568,33 @@ class AgentClient:
         if not remote.startswith("/"):
             raise AgentError(f"guest path must be absolute: {remote!r}")
         local = Path(local)
-        size = local.stat().st_size
         h = hashlib.sha256()
-        with open(local, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        try:
+            st = local.stat()
+            with open(local, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError as exc:
+            raise _local_error("cannot read", local, exc) from exc
         if mode is None:
-            mode = local.stat().st_mode & 0o7777
-        begin = await self.call("put_begin", {"path": remote, "size": size,
+            mode = st.st_mode & 0o7777
+        begin = await self.call("put_begin", {"path": remote, "size": st.st_size,
                                               "sha256": h.hexdigest(), "mode": mode,
                                               "owner": owner, "group": group})
         handle = begin["handle"]
-        inflight: list[asyncio.Future[Any]] = []
-        with open(local, "rb") as f:
-            while chunk := f.read(CHUNK):
-                _mid, pending = await self._send(
-                    "put_chunk", {"handle": handle, "data": base64.b64encode(chunk).decode()},
-                    None)
-                inflight.append(pending.future)
-                if len(inflight) >= WINDOW:
-                    await asyncio.wait_for(inflight.pop(0), 60)
-        for fut in inflight:
-            await asyncio.wait_for(fut, 60)
+        inflight: list[tuple[int, _Call]] = []
+        try:
+            with open(local, "rb") as f:
+                while chunk := f.read(CHUNK):
+                    inflight.append(await self._send(
+                        "put_chunk",
+                        {"handle": handle, "data": base64.b64encode(chunk).decode()}, None))
+                    if len(inflight) >= WINDOW:
+                        await self._result(*inflight.pop(0), 60, f"put_chunk of {remote}")
+        except OSError as exc:
+            raise _local_error("cannot read", local, exc) from exc
+        for mid, pending in inflight:
+            await self._result(mid, pending, 60, f"put_chunk of {remote}")
         return dict(await self.call("put_end", {"handle": handle}, timeout=120))
 
     async def get_file(self, remote: str, local: str | Path) -> dict[str, Any]:
@@ -313,40 +603,63 @@ class AgentClient:
         local = Path(local)
         tmp = local.with_name(f".{local.name}.vmforge-{os.getpid()}")
         h = hashlib.sha256()
+        failed: list[OSError] = []
         try:
-            with open(tmp, "wb") as f:
+            try:
+                f = open(tmp, "wb")
+            except OSError as exc:
+                raise _local_error("cannot write", local, exc) from exc
+            with f:
                 def sink(_stream: str, data: bytes) -> None:
+                    # An error here must fail this copy, not the connection's reader.
+                    if failed:
+                        return
                     h.update(data)
-                    f.write(data)
+                    try:
+                        f.write(data)
+                    except OSError as exc:
+                        failed.append(exc)
                 res = dict(await self.call("get_file", {"path": remote}, timeout=None,
                                            on_stream=sink))
+                if failed:
+                    raise _local_error("cannot write", local, failed[0]) from failed[0]
             if h.hexdigest() != res["sha256"]:
                 raise AgentError(f"checksum mismatch copying {remote}: got {h.hexdigest()}, "
                                  f"guest says {res['sha256']}")
-            os.chmod(tmp, res.get("mode", 0o644))
-            os.replace(tmp, local)
+            try:
+                os.chmod(tmp, res.get("mode", 0o644))
+                os.replace(tmp, local)
+            except OSError as exc:
+                raise _local_error("cannot write", local, exc) from exc
             return res
         finally:
             tmp.unlink(missing_ok=True)
 
     async def put_tree(self, local: str | Path, remote: str) -> int:
         local = Path(local)
+        if not local.exists():
+            raise _local_error("cannot read", local,
+                               FileNotFoundError(2, "No such file or directory"))
         if local.is_file():
             await self.put_file(local, remote)
             return 1
         count = 0
-        await self.call("mkdir", {"path": remote, "mode": local.stat().st_mode & 0o7777})
-        for dirpath, dirnames, filenames in os.walk(local):
-            rel = Path(dirpath).relative_to(local)
-            for d in sorted(dirnames):
-                mode = (Path(dirpath) / d).stat().st_mode & 0o7777
-                await self.call("mkdir", {"path": f"{remote}/{rel / d}".replace("/./", "/"),
-                                          "mode": mode})
-            for name in sorted(filenames):
-                src = Path(dirpath) / name
-                if src.is_file() and not src.is_symlink():
-                    await self.put_file(src, f"{remote}/{rel / name}".replace("/./", "/"))
-                    count += 1
+        try:
+            await self.call("mkdir", {"path": remote, "mode": local.stat().st_mode & 0o7777})
+            for dirpath, dirnames, filenames in os.walk(local):
+                rel = Path(dirpath).relative_to(local)
+                for d in sorted(dirnames):
+                    mode = (Path(dirpath) / d).stat().st_mode & 0o7777
+                    await self.call("mkdir",
+                                    {"path": f"{remote}/{rel / d}".replace("/./", "/"),
+                                     "mode": mode})
+                for name in sorted(filenames):
+                    src = Path(dirpath) / name
+                    if src.is_file() and not src.is_symlink():
+                        await self.put_file(src, f"{remote}/{rel / name}".replace("/./", "/"))
+                        count += 1
+        except OSError as exc:
+            raise _local_error("cannot read", Path(exc.filename or local), exc) from exc
         return count
 
     async def get_tree(self, remote: str, local: str | Path) -> int:
@@ -355,24 +668,55 @@ class AgentClient:
         if not tree["is_dir"]:
             await self.get_file(remote, local)
             return 1
-        local.mkdir(parents=True, exist_ok=True)
         count = 0
-        for entry in tree["entries"]:
-            dest = local / entry["path"]
-            if entry["type"] == "dir":
-                dest.mkdir(parents=True, exist_ok=True)
-                dest.chmod(entry["mode"])
-            else:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                await self.get_file(f"{tree['root']}/{entry['path']}", dest)
-                count += 1
+        try:
+            local.mkdir(parents=True, exist_ok=True)
+            for entry in tree["entries"]:
+                dest = local / entry["path"]
+                if entry["type"] == "dir":
+                    dest.mkdir(parents=True, exist_ok=True)
+                    dest.chmod(entry["mode"])
+                else:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    await self.get_file(f"{tree['root']}/{entry['path']}", dest)
+                    count += 1
+        except OSError as exc:
+            raise _local_error("cannot write", Path(exc.filename or local), exc) from exc
         return count
+
+    async def boot_id(self) -> str | None:
+        """The guest kernel's boot id (``/proc/sys/kernel/random/boot_id``), from the
+        session's hello; None from an agent too old to report it."""
+        if self._session is None or not self.connected:
+            await self.connect()
+        assert self._session is not None
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(self._session.future), 30)
+        except TimeoutError:
+            raise AgentTimeout("the agent did not answer the session hello in 30s",
+                               hint="is the guest up? `vmforge console NAME`") from None
+        value = hello.get("boot_id") if isinstance(hello, dict) else None
+        return str(value) if value else None
 
     async def shutdown(self) -> None:
         await self.call("shutdown")
 
     async def reboot(self) -> None:
+        """Ask the guest to reboot. A later ``wait_ready`` waits for the *next* boot's hello
+        (the connection may survive the reboot, and with it the old session's hello)."""
+        left = await self.boot_id()
         await self.call("reboot")
+        self._left_boot = left
+
+
+def _local_error(what: str, path: Path, exc: OSError) -> AgentError:
+    reason = _reason(exc)
+    hint = {errno.ENOENT: "check the path (and that its directory exists)",
+            errno.EACCES: "check the permissions", errno.EPERM: "check the permissions",
+            errno.ENOSPC: "the host disk is full: free some space",
+            errno.EISDIR: "name a file, or copy the directory as a whole"}.get(
+                exc.errno or 0)
+    return AgentError(f"{what} {path}: {reason}", hint=hint)
 
 
 def parse_vsock(endpoint: str) -> tuple[int, int]:
@@ -384,6 +728,18 @@ def parse_vsock(endpoint: str) -> tuple[int, int]:
     return int(parts[1]), int(parts[2])
 
 
+def parse_hvsock(endpoint: str) -> tuple[str, int]:
+    """``hvsock:PATH:PORT`` -> (path, port): a hybrid-vsock unix socket and the guest port."""
+    head, _, path_port = endpoint.partition(":")
+    path, _, port = path_port.rpartition(":")
+    if head != "hvsock" or not path or not port.isdigit():
+        raise AgentError(f"bad hybrid vsock endpoint {endpoint!r}",
+                         hint="use hvsock:/path/to/socket:PORT")
+    return path, int(port)
+
+
 async def connect(path: str | Path, *, timeout: float = 10.0,
-                  hybrid_port: int | None = None) -> AgentClient:
-    return await AgentClient(path, hybrid_port=hybrid_port).connect(timeout)
+                  hybrid_port: int | None = None,
+                  queue_timeout: float | None = None) -> AgentClient:
+    return await AgentClient(path, hybrid_port=hybrid_port,
+                             queue_timeout=queue_timeout).connect(timeout)

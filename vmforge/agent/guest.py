@@ -154,6 +154,12 @@ def vm_id() -> str:
     return socket.gethostname()
 
 
+def boot_id() -> str:
+    """The kernel's random id of this boot: tells a host whose connection survived a reboot
+    (virtio-serial) the new boot's hello from the old one's."""
+    return read_text("/proc/sys/kernel/random/boot_id").strip()
+
+
 def uptime() -> float:
     try:
         return float(read_text("/proc/uptime", "0 0").split()[0])
@@ -203,7 +209,8 @@ class Agent:
 
     def hello_data(self) -> dict[str, Any]:
         return {"vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
-                "uptime_at_start": self.started_uptime, "uptime": uptime(),
+                "boot_id": boot_id(), "uptime_at_start": self.started_uptime,
+                "uptime": uptime(),
                 "python": sys.version.split()[0], "cloud_init": cloud_init_state()}
 
     def hello(self) -> None:
@@ -255,7 +262,7 @@ class Agent:
         return self.hello_data()
 
     def call_ping(self, mid: Any) -> dict[str, Any]:
-        return {"pong": True, "uptime": uptime()}
+        return {"pong": True, "uptime": uptime(), "boot_id": boot_id()}
 
     def call_health(self, mid: Any, checks: list[dict[str, Any]] | None = None
                     ) -> dict[str, Any]:
@@ -527,27 +534,39 @@ def serve_virtio(path: str, started: float) -> None:
             agent.handle(msg)
 
 
+def serve_stream(conn: socket.socket, started: float) -> None:
+    """One host connection on a stream socket (vsock): its own Agent, so its own uploads."""
+    agent = Agent(conn.sendall, started)
+    decoder = Decoder()
+    try:
+        agent.hello()
+        while True:
+            data = conn.recv(1 << 20)
+            if not data:
+                break
+            for msg in decoder.feed(data):
+                agent.handle(msg)
+    except OSError:
+        pass
+    finally:
+        agent.disconnected()
+        conn.close()
+
+
+def serve_listener(srv: socket.socket, started: float) -> None:
+    """Accept host connections and serve each on its own thread: unlike a virtio-serial
+    port, vsock carries any number of connections, and one host's long exec must not hold
+    up the others."""
+    while True:
+        conn, _ = srv.accept()
+        threading.Thread(target=serve_stream, args=(conn, started), daemon=True).start()
+
+
 def serve_vsock(port: int, started: float) -> None:
     srv = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
     srv.bind((socket.VMADDR_CID_ANY, port))
-    srv.listen(1)
-    while True:
-        conn, _ = srv.accept()
-        agent = Agent(conn.sendall, started)
-        decoder = Decoder()
-        agent.hello()
-        try:
-            while True:
-                data = conn.recv(1 << 20)
-                if not data:
-                    break
-                for msg in decoder.feed(data):
-                    agent.handle(msg)
-        except OSError:
-            pass
-        finally:
-            agent.disconnected()
-            conn.close()
+    srv.listen(128)
+    serve_listener(srv, started)
 
 
 def main() -> int:
