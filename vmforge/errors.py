@@ -18,6 +18,7 @@
     ├── AgentError                    guest agent problems
     │   ├── FramingError              malformed bytes on the agent channel
     │   ├── AgentTimeout
+    │   ├── AgentBusy                 the channel stayed busy past the queue's bound
     │   └── RemoteError               the guest reported an error for a call
     └── ProvisionError                a provisioning step failed (step, output)
 
@@ -125,6 +126,11 @@ class FramingError(AgentError):
 
 class AgentTimeout(AgentError):
     exit_code = 124
+
+
+class AgentBusy(AgentError):
+    """The agent channel stayed in use by other sessions past the queue's bound."""
+    exit_code = 75  # EX_TEMPFAIL: try again later
 
 
 class RemoteError(AgentError):

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AgentError, AgentTimeout, RemoteError, SpecError
+from ..errors import AgentBusy, AgentError, AgentTimeout, RemoteError, SpecError
 from .protocol import Decoder, encode
 
 __all__ = ["AgentClient", "ExecResult", "ChannelLock", "connect", "parse_vsock",
@@ -189,7 +189,7 @@ class ChannelLock:
             if left <= 0:
                 holder = self.holder()
                 self.release()
-                raise AgentError(
+                raise AgentBusy(
                     f"agent busy: waited {timeout:g}s (the bound of the queue) for the agent "
                     f"channel {self.socket_path}, in use by {holder}",
                     hint="a virtio-serial agent channel carries one host connection at a time "

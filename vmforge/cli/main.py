@@ -342,10 +342,16 @@ def exec_cmd(
             target.flush()
 
         async def go() -> Any:
-            async with m.agent(name) as c:
+            async with m.agent(name, on_queued=lambda msg: err.print(msg, highlight=False)) \
+                    as c:
                 return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
                                     stdin=data, timeout=timeout, on_output=show)
-        res = _arun(go())
+        try:
+            res = _arun(go())
+        except BrokenPipeError:  # `vmforge exec vm -- yes | head`: the reader went away
+            import os
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(141) from None
         if res.timed_out:
             err.print(f"timed out after {timeout}s (killed with signal {res.signal})")
             raise typer.Exit(124)

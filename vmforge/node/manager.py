@@ -28,7 +28,7 @@ import os
 import shutil
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -646,7 +646,9 @@ class VmManager:
         """Ask the guest to power off; True once the hypervisor process is gone."""
         from ..agent.client import AgentClient
 
-        client = AgentClient(rec.agent_endpoint)
+        # Queue briefly behind another session (virtio-serial has one), then fall back to the
+        # hypervisor's power button rather than wait out a long exec.
+        client = AgentClient(rec.agent_endpoint, queue_timeout=2.0)
         try:
             await client.connect(timeout=min(2.0, max(0.1, deadline - time.monotonic())))
             await client.call("shutdown", timeout=5)
@@ -741,8 +743,11 @@ class VmManager:
             raise
 
     @asynccontextmanager
-    async def agent(self, name: str) -> AsyncIterator[AgentClient]:
-        """A connected agent session with a running VM (the CLI and the daemon share it)."""
+    async def agent(self, name: str, *, on_queued: Callable[[str], None] | None = None
+                    ) -> AsyncIterator[AgentClient]:
+        """A connected agent session with a running VM (the CLI and the daemon share it).
+        ``on_queued`` hears once that the session waits behind another (virtio-serial carries
+        one session at a time)."""
         from ..agent.client import AgentClient
 
         rec = self.get(name)
@@ -751,7 +756,7 @@ class VmManager:
                                hint=f"`vmforge start {name}`")
         if not rec.req.spec.agent.enabled:
             raise InvalidState(f"VM {name} has no agent", hint="set spec.agent.enabled: true")
-        async with AgentClient(rec.agent_endpoint) as client:
+        async with AgentClient(rec.agent_endpoint, on_queued=on_queued) as client:
             yield client
 
     async def provision(self, name: str, base_dir: Path,
