@@ -14,15 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BuildError
+from ..events import Progress, adapt, no_progress
 from ..images.library import Image, Library, parse_ref
 
 __all__ = ["BUILTIN", "register_minimal", "register_debian", "ensure_builtin"]
 
-Progress = Callable[[str], None]
 
 
 def _lock(library: Library, name: str, progress: Progress) -> AbstractContextManager[None]:
-    return library.lock(f"builtin-{name}", waiting=lambda: progress(
+    return library.lock(f"builtin-{name}", waiting=lambda: adapt(progress, name, "image")(
         f"waiting for another vmforge that is building {name}"))
 
 
@@ -35,12 +35,12 @@ def _same_build(library: Library, name: str, key: str, files: dict[str, Path],
         return None
     if library.is_intact(latest):
         return latest
-    progress(f"{latest.ref} is damaged: storing its files again")
+    adapt(progress, name, "image")(f"{latest.ref} is damaged: storing its files again")
     return library.attach(latest, files)
 
 
 def register_minimal(library: Library, cache: Path, name: str = "minimal",
-                     progress: Progress = lambda _m: None) -> Image:
+                     progress: Progress = no_progress) -> Image:
     with _lock(library, name, progress):
         return _register_minimal(library, cache, name, progress)
 
@@ -48,7 +48,7 @@ def register_minimal(library: Library, cache: Path, name: str = "minimal",
 def _register_minimal(library: Library, cache: Path, name: str, progress: Progress) -> Image:
     from .minimal import build_minimal
 
-    art = build_minimal(cache, progress=progress)
+    art = build_minimal(cache, events=progress)
     files = {"kernel": art.vmlinuz, "vmlinux": art.vmlinux, "initrd": art.initrd}
     if same := _same_build(library, name, art.key, files, progress):
         return same
@@ -58,7 +58,7 @@ def _register_minimal(library: Library, cache: Path, name: str, progress: Progre
 
 
 def register_debian(library: Library, cache: Path, name: str = "debian",
-                    progress: Progress = lambda _m: None, recipe: Any = None) -> Image:
+                    progress: Progress = no_progress, recipe: Any = None) -> Image:
     with _lock(library, name, progress):
         return _register_debian(library, cache, name, progress, recipe)
 
@@ -69,7 +69,7 @@ def _register_debian(library: Library, cache: Path, name: str, progress: Progres
     from ..images.qcow2 import image_info
     from .debian import build_debian
 
-    art = build_debian(cache, recipe, progress=progress)
+    art = build_debian(cache, recipe, events=progress)
     files = {"disk": art.disk, "kernel": art.kernel, "initrd": art.initrd}
     vmlinux = art.dir / "vmlinux"
     try:  # XZ kernels gain most from PVH; LZ4 ones (the cloud kernel) unpack fast anyway
@@ -93,7 +93,7 @@ _UNLOCKED: dict[str, Callable[[Library, Path, str, Progress], Image]] = {
 
 
 def ensure_builtin(library: Library, cache: Path, ref: str,
-                   progress: Progress = lambda _m: None) -> Image | None:
+                   progress: Progress = no_progress) -> Image | None:
     """The built-in image ``ref`` names (latest version), built if the library lacks it;
     None if ``ref`` is not a built-in name or pins a version."""
     name, version = parse_ref(ref)
@@ -104,5 +104,6 @@ def ensure_builtin(library: Library, cache: Path, ref: str,
     with _lock(library, name, progress):
         if (img := library.find(name)) is not None:  # built while we waited for the lock
             return img
-        progress(f"image {name} is not in the library yet: building it (cached by recipe)")
+        adapt(progress, name, "image")(
+            f"image {name} is not in the library yet: building it (cached by recipe)")
         return _UNLOCKED[name](library, cache, name, progress)

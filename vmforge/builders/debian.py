@@ -17,7 +17,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import yaml
 
 from .. import run
 from ..errors import BuildError
+from ..events import Progress, adapt, no_progress
 from ..fsutil import write_file
 
 __all__ = ["DebianRecipe", "DebianArtifacts", "build_debian", "find_mirror", "ROOT_LABEL"]
@@ -35,7 +35,6 @@ PACKAGES = ("systemd-sysv", "udev", "dbus", "cloud-init", "linux-image-cloud-amd
             "initramfs-tools", "openssh-server", "sudo", "iproute2", "netbase", "e2fsprogs",
             "cloud-guest-utils", "ifupdown", "isc-dhcp-client", "python3",
             "python3-cffi-backend", "curl", "ca-certificates", "procps", "grub-pc-bin")
-Progress = Callable[[str], None]
 
 CLOUD_CFG = {
     "datasource_list": ["NoCloud", "None"],
@@ -174,8 +173,9 @@ def _assemble_disk(root: Path, fs: Path, disk: Path) -> None:
 
 
 def build_debian(cache: Path, recipe: DebianRecipe | None = None,
-                 progress: Progress = lambda _m: None, mirror: str | None = None
+                 events: Progress = no_progress, mirror: str | None = None
                  ) -> DebianArtifacts:
+    progress = adapt(events, "debian", "build")
     recipe = recipe or DebianRecipe()
     mirror = mirror or find_mirror()
     key = recipe.key(mirror)

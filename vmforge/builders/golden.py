@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -29,6 +28,7 @@ from pydantic import (
 
 from ..agent.client import AgentClient
 from ..errors import BuildError, SpecError, VmforgeError
+from ..events import Progress, Say, adapt, no_progress
 from ..images import qcow2
 from ..images.library import Image, Library
 from ..spec import read_document, spec_error_from
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["GoldenRecipe", "load_recipe", "build_golden"]
 
-Progress = Callable[[str], None]
 
 # "uninitialized" (not a missing file) is systemd's mark for a golden image: the next boot
 # generates the machine-id and counts as a first boot (ConditionFirstBoot).
@@ -102,7 +101,7 @@ def load_recipe(path: str | Path) -> tuple[GoldenRecipe, Path]:
 
 
 async def _customise(sock: str, recipe: GoldenRecipe, base_dir: Path, out: Path,
-                     progress: Progress) -> None:
+                     progress: Say) -> None:
     async with AgentClient(sock) as c:
         await c.wait_ready(120)
 
@@ -166,10 +165,11 @@ async def _powered_off(manager: VmManager, name: str, timeout: float) -> bool:
 
 
 async def build_golden(manager: VmManager, recipe: GoldenRecipe, base_dir: Path,
-                       progress: Progress = lambda _m: None) -> list[Image]:
+                       events: Progress = no_progress) -> list[Image]:
     """Build the recipe; returns the new library image(s). The build VM is always removed."""
     from ..spec import parse_request
 
+    progress = adapt(events, recipe.name, "build")
     library: Library = manager.library
     base = library.resolve(recipe.base, "base")
     if base.path("disk") is None:
@@ -185,7 +185,7 @@ async def build_golden(manager: VmManager, recipe: GoldenRecipe, base_dir: Path,
     images: list[Image] = []
     try:
         progress(f"booting {base.ref} as {vm_name}")
-        rec = await manager.run(req, timeout=600, progress=lambda e: progress(e.message))
+        rec = await manager.run(req, timeout=600, progress=events)
         await _customise(rec.agent_endpoint, recipe, base_dir, work, progress)
         if not await _powered_off(manager, vm_name, 120):
             raise BuildError("the build VM did not power off after sealing")

@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import run
 from ..agent import guest as agent_module
 from ..errors import BuildError
+from ..events import Progress, Say, adapt, no_progress
 from ..fsutil import write_file
 from ..images.kernel import extract_vmlinux
 from .cpio import write_cpio
@@ -49,7 +49,6 @@ ESSENTIAL_PY = ("encodings/__init__.py", "encodings/aliases.py", "encodings/utf_
                 "encodings/latin_1.py", "encodings/ascii.py", "encodings/idna.py",
                 "stringprep.py", "os.py")
 
-Progress = Callable[[str], None]
 
 INITTAB = """::sysinit:/etc/rc.boot
 ::shutdown:/bin/sync
@@ -193,7 +192,7 @@ def _copy_libs(extract: Path, stage: Path, elves: list[Path]) -> None:
 
 
 def _stage_python(extract: Path, stage: Path, pyver: str, agent_src: Path,
-                  progress: Progress) -> None:
+                  progress: Say) -> None:
     py = extract / f"usr/bin/python{pyver}"
     env = {"PYTHONHOME": str(extract / "usr"), "PYTHONDONTWRITEBYTECODE": "1"}
     res = run.run([str(py), "-S", "-c", FINDER, str(agent_src), str(extract),
@@ -234,7 +233,8 @@ def _stage_python(extract: Path, stage: Path, pyver: str, agent_src: Path,
 
 
 def build_minimal(cache: Path, recipe: MinimalRecipe | None = None,
-                  progress: Progress = lambda _m: None) -> MinimalArtifacts:
+                  events: Progress = no_progress) -> MinimalArtifacts:
+    progress = adapt(events, "minimal", "build")
     recipe = recipe or MinimalRecipe()
     progress("resolving packages")
     pyver, packages = _package_set()

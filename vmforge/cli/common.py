@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 if TYPE_CHECKING:
-    from ..node.events import Event
+    from ..events import Event
     from ..node.manager import VmManager
 
 out = Console()

@@ -44,6 +44,7 @@ from ..errors import (
     VmforgeError,
     VmNotFound,
 )
+from ..events import Event, Progress, adapt, no_progress
 from ..failpoints import hit
 from ..fsutil import tail_text
 from ..hypervisors import get_driver
@@ -54,7 +55,6 @@ from ..paths import DataDir, VmPaths
 from ..spec import VmRequest, parse_request, validate_name
 from ..state import Database
 from . import plan as planmod
-from .events import Event, Progress, adapt, no_progress
 from .lock import VmLock
 from .states import LIVE, STARTABLE, TRANSIENT, ExitReason, VmState
 
@@ -360,7 +360,7 @@ class VmManager:
         if req.spec.kernel and req.spec.kernel.image:
             refs.append(req.spec.kernel.image)
         for ref in refs:
-            ensure_builtin(self.library, self.data.cache, ref, adapt(progress, req.name, "image"))
+            ensure_builtin(self.library, self.data.cache, ref, progress)
 
     def _checked(self, req: VmRequest, host: HostFacts | None
                  ) -> tuple[Driver, planmod.Inputs, Accel, str]:

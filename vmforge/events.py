@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Event", "Progress", "no_progress", "adapt"]
+__all__ = ["Event", "Progress", "Say", "no_progress", "adapt"]
 
 
 @dataclass(frozen=True)
@@ -27,12 +27,13 @@ class Event:
 
 
 Progress = Callable[[Event], None]
+Say = Callable[[str], None]  # inside one operation: its messages, wrapped into Events by adapt
 
 
 def no_progress(_e: Event) -> None:
     return None
 
 
-def adapt(progress: Progress, vm: str | None, phase: str) -> Callable[[str], None]:
-    """A plain-text callback (as the image builders take) that emits Events."""
+def adapt(progress: Progress, vm: str | None, phase: str) -> Say:
+    """A plain-text callback for one operation's steps, emitting Events about ``vm``."""
     return lambda message: progress(Event(vm, phase, message))
