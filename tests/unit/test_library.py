@@ -273,7 +273,7 @@ def fake_minimal_build(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     builds: list[int] = []
 
-    def fake_build(cache: Path, recipe: object = None, progress: object = None) -> object:
+    def fake_build(cache: Path, recipe: object = None, events: object = None) -> object:
         builds.append(1)
         time.sleep(0.2)  # the window in which the others used to start their own build
         cache.mkdir(parents=True, exist_ok=True)
