@@ -150,6 +150,9 @@ def test_disk_image_with_kernel_boots_directly_unless_firmware_mode() -> None:
         def find(self, ref: str) -> Image:
             return debian
 
+        def check_intact(self, image: Image) -> None:
+            pass
+
     for mode, direct in (("auto", True), ("firmware", False)):
         req = parse_request({"name": "vm1", "spec": {"boot_mode": mode, "disks": [
             {"id": "root", "bootable": True, "image": "debian"}]}})
