@@ -7,7 +7,6 @@ short one (``uefi``, ``cdrom``).
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from pathlib import Path
@@ -26,6 +25,17 @@ from pydantic import (
 )
 
 from . import yamlload
+from .enums import (
+    AccelChoice,
+    AgentTransport,
+    Backend,
+    BootDevice,
+    BootMode,
+    DiskFormat,
+    Firmware,
+    Machine,
+    Protocol,
+)
 from .errors import SpecError
 
 __all__ = [
@@ -59,66 +69,6 @@ def _enum_alias(prefix: str) -> Any:
             return v.lower()
         return value
     return BeforeValidator(convert)
-
-
-class Firmware(enum.StrEnum):
-    BIOS = "bios"
-    UEFI = "uefi"
-
-    def kernel_role(self) -> str:
-        """Which kernel file of an image to boot: OVMF needs the EFI-stub bzImage, while
-        SeaBIOS/QEMU can take the uncompressed ELF through PVH (half the TCG boot time)."""
-        return "kernel" if self is Firmware.UEFI else "vmlinux"
-
-
-class BootDevice(enum.StrEnum):
-    DISK = "disk"
-    CDROM = "cdrom"
-    NETWORK = "network"
-
-    def to_qemu(self) -> str:
-        return {"disk": "c", "cdrom": "d", "network": "n"}[self.value]
-
-
-class Machine(enum.StrEnum):
-    Q35 = "q35"
-    PC = "pc"
-    MICROVM = "microvm"
-
-
-class DiskFormat(enum.StrEnum):
-    QCOW2 = "qcow2"
-    RAW = "raw"
-
-
-class Backend(enum.StrEnum):
-    """The hypervisor a spec runs on; each has a driver (vmforge.hypervisors)."""
-    QEMU = "qemu"
-    LIBVIRT = "libvirt"
-    CLOUD_HYPERVISOR = "cloud-hypervisor"
-    FIRECRACKER = "firecracker"
-
-
-class AccelChoice(enum.StrEnum):
-    AUTO = "auto"  # KVM when a probe proved it boots guests here, else TCG
-    KVM = "kvm"
-    TCG = "tcg"
-
-
-class BootMode(enum.StrEnum):
-    AUTO = "auto"          # a library disk image that carries its kernel boots it directly
-    FIRMWARE = "firmware"  # always through BIOS/UEFI and the disk's own bootloader
-
-
-class AgentTransport(enum.StrEnum):
-    AUTO = "auto"  # AF_VSOCK where the host has /dev/vhost-vsock, else virtio-serial
-    VIRTIO_SERIAL = "virtio-serial"
-    VSOCK = "vsock"
-
-
-class Protocol(enum.StrEnum):
-    TCP = "tcp"
-    UDP = "udp"
 
 
 FirmwareField = Annotated[Firmware, _enum_alias("FIRMWARE_")]
@@ -369,6 +319,10 @@ def load_document(text: str, source: str) -> Any:
     The loader is :mod:`vmforge.yamlload`'s: duplicate keys, alias bombs and absurd nesting
     are refused before anything walks the data, and no message quotes the (expanded) input.
     """
+    if len(text) > yamlload.MAX_DOCUMENT_BYTES:
+        raise SpecError(f"{source}: the document is larger than "
+                        f"{yamlload.MAX_DOCUMENT_BYTES // 2 ** 20} MiB",
+                        hint="specs and recipes are small; refer to big content by path")
     try:
         return yamlload.load(text)
     except yaml.MarkedYAMLError as exc:
@@ -384,9 +338,15 @@ def load_document(text: str, source: str) -> Any:
 def read_document(path: Path, what: str = "spec file") -> Any:
     """Read and parse a YAML/JSON file; unreadable files and bad syntax are SpecErrors."""
     try:
-        text = path.read_text()
+        with open(path, "rb") as f:
+            raw = f.read(yamlload.MAX_DOCUMENT_BYTES + 1)
     except OSError as exc:
         raise SpecError(f"cannot read {what} {path}: {exc.strerror}") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"{what} {path} is not UTF-8 text (byte {exc.start})",
+                        hint="give a YAML or JSON file") from None
     return load_document(text, str(path))
 
 

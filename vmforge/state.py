@@ -76,6 +76,7 @@ def _v1_to_v2(c: sqlite3.Connection) -> None:
     c.execute("ALTER TABLE vms ADD COLUMN backend TEXT NOT NULL DEFAULT 'qemu'")
     c.execute("ALTER TABLE vms ADD COLUMN runtime TEXT")
     c.execute("ALTER TABLE vms ADD COLUMN stop_reason TEXT")
+    c.execute("ALTER TABLE vms ADD COLUMN spec_rev INTEGER")  # see vmforge.enums.SPEC_REV
     for row in c.execute("SELECT name, dir, pid, accel, agent_endpoint FROM vms "
                          "WHERE pid IS NOT NULL").fetchall():
         # A v1 row recorded QEMU's pid and its QMP socket in the VM directory.

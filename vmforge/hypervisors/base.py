@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..spec import Backend, DiskFormat, Firmware, Machine
+from ..enums import Backend, DiskFormat, Firmware, Machine
 
 __all__ = ["Backend", "Accel", "Liveness", "StopOutcome", "EndpointKind", "AgentEndpoint",
            "Capabilities", "Runtime", "ApiRequest", "Rendered", "BackendStatus", "Driver",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..spec import Firmware, Machine
+from ..enums import Firmware, Machine
 from .base import AGENT_PORT_NAME, AGENT_VSOCK_PORT, Accel
 
 __all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "ForwardPlan", "NicPlan", "AgentPlan",

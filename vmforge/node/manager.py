@@ -22,7 +22,6 @@ event loop, so the daemon can await them on its own.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -31,9 +30,11 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..enums import SPEC_REV
 from ..errors import (
     AgentError,
     InvalidState,
@@ -52,14 +53,17 @@ from ..hypervisors.base import Accel, Backend, Driver, Liveness, Runtime, StopOu
 from ..hypervisors.host import HostFacts, KvmVerdict, choose_accel, probe_host
 from ..images.library import Library
 from ..paths import DataDir, VmPaths
-from ..spec import VmRequest, parse_request, validate_name
 from ..state import Database
-from . import plan as planmod
 from .lock import VmLock
 from .states import LIVE, STARTABLE, TRANSIENT, ExitReason, VmState
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
+    from ..spec import VmRequest
+    from . import plan as planmod
+
+# What listing VMs needs is kept light (no pydantic, no asyncio, no planning): those are
+# imported by the operations that use them.
 
 __all__ = ["VmManager", "VmRecord", "STARTABLE", "redact_spec"]
 
@@ -83,7 +87,7 @@ def redact_spec(spec: dict[str, Any]) -> dict[str, Any]:
 class VmRecord:
     name: str
     state: VmState
-    request: VmRequest | None  # None when the stored spec no longer parses (state broken)
+    stored: dict[str, Any]  # the request as stored: {"name", "spec"} with every field
     dir: Path
     backend: Backend
     runtime: Runtime | None
@@ -93,6 +97,14 @@ class VmRecord:
     stopped_at: float | None
     last_error: str | None
     stop_reason: str | None = None
+
+    @cached_property
+    def request(self) -> VmRequest | None:
+        """The stored spec as a model (None when it no longer parses: state broken)."""
+        if self.state is VmState.BROKEN:
+            return None
+        from ..spec import parse_request
+        return parse_request(self.stored, "stored spec")
 
     @property
     def req(self) -> VmRequest:
@@ -136,10 +148,9 @@ class VmRecord:
             "stop_reason": self.stop_reason, "console_log": str(self.paths.console),
             "agent": self.agent_endpoint,
             "runtime": json.loads(self.runtime.to_json()) if self.runtime else None}
-        if self.request is not None:
-            s = self.request.spec
-            spec = json.loads(self.request.model_dump_json(by_alias=True))["spec"]
-            d.update(cpu_cores=s.cpu_cores, memory_mib=s.memory_mib,
+        spec = self.stored.get("spec")
+        if self.state is not VmState.BROKEN and isinstance(spec, dict):
+            d.update(cpu_cores=spec.get("cpu_cores"), memory_mib=spec.get("memory_mib"),
                      spec=spec if show_secrets else redact_spec(spec))
         return d
 
@@ -192,16 +203,21 @@ class VmManager:
         state = VmState(row["state"])
         error = row["last_error"]
         try:
-            req: VmRequest | None = parse_request(json.loads(row["spec"]), "stored spec")
+            stored = json.loads(row["spec"])
+            if row["spec_rev"] != SPEC_REV:  # validated by other models: check it again
+                from ..spec import parse_request
+                parse_request(stored, "stored spec")
+                with self.db.tx() as c:
+                    c.execute("UPDATE vms SET spec_rev=? WHERE name=?", (SPEC_REV, row["name"]))
         except (VmforgeError, ValueError) as exc:
-            req, state, error = None, VmState.BROKEN, f"stored spec does not parse: {exc}"
+            stored, state, error = {}, VmState.BROKEN, f"stored spec does not parse: {exc}"
         runtime = None
         if row["runtime"]:
             try:
                 runtime = Runtime.from_json(row["runtime"])
             except (ValueError, KeyError):
                 runtime = None
-        return VmRecord(row["name"], state, req, Path(row["dir"]), Backend(row["backend"]),
+        return VmRecord(row["name"], state, stored, Path(row["dir"]), Backend(row["backend"]),
                         runtime, row["created_at"], row["started_at"], row["ready_at"],
                         row["stopped_at"], error, row["stop_reason"])
 
@@ -364,6 +380,8 @@ class VmManager:
 
     def _checked(self, req: VmRequest, host: HostFacts | None
                  ) -> tuple[Driver, planmod.Inputs, Accel, str]:
+        from ..spec import validate_name
+        from . import plan as planmod
         validate_name(req.name)
         drv = self.driver(req.spec.hypervisor)
         inputs = planmod.check_inputs(req, self.library)  # fails before any host probe
@@ -378,6 +396,7 @@ class VmManager:
         backend's part (argv, domain XML or API requests). Needs no hypervisor installed."""
         from ..agent import guest
         from ..seed import build_seed, find_ssh_public_key, inject_agent
+        from . import plan as planmod
 
         host = self.host_or_defaults()
         drv, inputs, accel, why = self._checked(req, host)
@@ -400,6 +419,7 @@ class VmManager:
 
     # -- lifecycle
     def create(self, req: VmRequest, progress: Progress = no_progress) -> VmRecord:
+        from . import plan as planmod
         drv, inputs, _accel, _why = self._checked(req, None)
         host = self.host()
         final = self.data.vms / req.name
@@ -411,10 +431,10 @@ class VmManager:
                 self._recover(req.name)
             try:
                 with self.db.tx() as c:
-                    c.execute("INSERT INTO vms (name, state, spec, dir, created_at, owner_pid, "
-                              "backend) VALUES (?, 'creating', ?, ?, ?, ?, ?)",
-                              (req.name, req.model_dump_json(by_alias=True), str(final),
-                               time.time(), os.getpid(), drv.backend.value))
+                    c.execute("INSERT INTO vms (name, state, spec, spec_rev, dir, created_at, "
+                              "owner_pid, backend) VALUES (?, 'creating', ?, ?, ?, ?, ?, ?)",
+                              (req.name, req.model_dump_json(by_alias=True), SPEC_REV,
+                               str(final), time.time(), os.getpid(), drv.backend.value))
                     for role, image_id in inputs.pins.items():
                         c.execute("INSERT INTO vm_images (vm_name, role, image_id) "
                                   "VALUES (?,?,?)", (req.name, role, image_id))
@@ -459,6 +479,7 @@ class VmManager:
 
     def start(self, name: str, progress: Progress = no_progress) -> VmRecord:
         """Start a created or stopped VM; returns once the hypervisor runs (not ready)."""
+        from . import plan as planmod
         lock = self._lock(name)
         lock.acquire()
         try:
@@ -539,6 +560,8 @@ class VmManager:
         return tail_text(rec.paths.console, lines)
 
     async def _wait_agent(self, rec: VmRecord, timeout: float) -> float:
+        import asyncio
+
         from ..agent.client import AgentClient
 
         client = AgentClient(rec.agent_endpoint)
@@ -574,6 +597,8 @@ class VmManager:
             await client.close()
 
     async def _wait_marker(self, rec: VmRecord, timeout: float) -> float:
+        import asyncio
+
         from ..builders.minimal import READY_MARKER
         marker = READY_MARKER.encode()
         deadline = time.monotonic() + timeout
@@ -644,6 +669,8 @@ class VmManager:
 
     async def _agent_shutdown(self, rec: VmRecord, deadline: float) -> bool:
         """Ask the guest to power off; True once the hypervisor process is gone."""
+        import asyncio
+
         from ..agent.client import AgentClient
 
         # Queue briefly behind another session (virtio-serial has one), then fall back to the

@@ -129,7 +129,7 @@ class QemuDriver(Driver):
     backend = Backend.QEMU
 
     def capabilities(self) -> Capabilities:
-        from ...spec import DiskFormat, Firmware, Machine
+        from ...enums import DiskFormat, Firmware, Machine
         return Capabilities(
             backend=Backend.QEMU, machines=frozenset(Machine), firmware=frozenset(Firmware),
             disk_formats=frozenset(DiskFormat), cdroms=True, needs_kvm=False,

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ...enums import Firmware, Machine
 from ...errors import HostError
-from ...spec import Firmware, Machine
 from ..base import Accel
 from ..host import HostFacts
 from ..plan import AGENT_PORT_NAME, MachinePlan

@@ -1,0 +1,75 @@
+"""The choices in a VM spec, as plain enums: importing them costs no pydantic, so the
+hypervisor seam, the state store and the fast CLI paths can use them."""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["Firmware", "BootDevice", "Machine", "DiskFormat", "Backend", "AccelChoice",
+           "BootMode", "AgentTransport", "Protocol", "SPEC_REV"]
+
+
+class Firmware(enum.StrEnum):
+    BIOS = "bios"
+    UEFI = "uefi"
+
+    def kernel_role(self) -> str:
+        """Which kernel file of an image to boot: OVMF needs the EFI-stub bzImage, while
+        SeaBIOS/QEMU can take the uncompressed ELF through PVH (half the TCG boot time)."""
+        return "kernel" if self is Firmware.UEFI else "vmlinux"
+
+
+class BootDevice(enum.StrEnum):
+    DISK = "disk"
+    CDROM = "cdrom"
+    NETWORK = "network"
+
+    def to_qemu(self) -> str:
+        return {"disk": "c", "cdrom": "d", "network": "n"}[self.value]
+
+
+class Machine(enum.StrEnum):
+    Q35 = "q35"
+    PC = "pc"
+    MICROVM = "microvm"
+
+
+class DiskFormat(enum.StrEnum):
+    QCOW2 = "qcow2"
+    RAW = "raw"
+
+
+class Backend(enum.StrEnum):
+    """The hypervisor a spec runs on; each has a driver (vmforge.hypervisors)."""
+    QEMU = "qemu"
+    LIBVIRT = "libvirt"
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
+    FIRECRACKER = "firecracker"
+
+
+class AccelChoice(enum.StrEnum):
+    AUTO = "auto"  # KVM when a probe proved it boots guests here, else TCG
+    KVM = "kvm"
+    TCG = "tcg"
+
+
+class BootMode(enum.StrEnum):
+    AUTO = "auto"          # a library disk image that carries its kernel boots it directly
+    FIRMWARE = "firmware"  # always through BIOS/UEFI and the disk's own bootloader
+
+
+class AgentTransport(enum.StrEnum):
+    AUTO = "auto"  # AF_VSOCK where the host has /dev/vhost-vsock, else virtio-serial
+    VIRTIO_SERIAL = "virtio-serial"
+    VSOCK = "vsock"
+
+
+class Protocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+# The revision of the spec models (vmforge.spec). A stored spec stamped with this revision was
+# accepted by these models, so listing VMs need not import pydantic to validate it again. Bump
+# it whenever a model change could refuse a spec that an earlier version accepted.
+SPEC_REV = 1
