@@ -68,7 +68,7 @@ def test_user_data_must_be_a_mapping() -> None:
 def test_user_data_kinds() -> None:
     assert validate_user_data(b"#cloud-config\nhostname: a\n") == "cloud-config"
     assert validate_user_data(b"#!/bin/sh\necho hi\n") == "script"
-    assert validate_user_data(gzip.compress(b"#cloud-config\na: 1\n")) == "gzip"
+    assert validate_user_data(gzip.compress(b"#cloud-config\nhostname: a\n")) == "gzip"
     assert validate_user_data(b"") == "empty"
     mime = inject_agent(build_seed("a", None), b"print(1)\n").user_data
     assert validate_user_data(mime) == "mime"
@@ -96,7 +96,7 @@ def test_network_config_versions(text: str, ok: int) -> None:
 
 @pytest.mark.parametrize("text,msg", [
     ("version: 3\n", "version must be 1 or 2"),
-    ("version: 2\nethernet: {}\n", "unknown v2 keys"),
+    ("version: 2\nethernet: {}\n", "unknown key 'ethernet'.*did you mean 'ethernets'"),
     ("version: 2\nethernets: [eth0]\n", "must be a mapping"),
     ("version: 1\nconfig: {}\n", "config"),
 ])
@@ -178,3 +178,100 @@ def test_vfat_layout_and_long_names(tmp_path: Path) -> None:
     text = b"".join(reversed(names)).decode("utf-16-le")
     assert "network-config" in text and "user-data" in text
     assert build_vfat([("a", b"1")], mtime=0) == build_vfat([("a", b"1")], mtime=0)
+
+
+# ------------------------------------------------------------------ hostile input (issue 14 §5)
+
+def test_oversized_user_data_is_refused_with_the_limit_in_the_hint() -> None:
+    from vmforge.seed.validate import MAX_SEED_FILE_BYTES
+    big = "#cloud-config\n" + "#" * MAX_SEED_FILE_BYTES + "\n"
+    with pytest.raises(SeedError) as exc:
+        build_seed("a", CloudInit(user_data=big))
+    assert exc.value.field == "spec.cloud_init.user_data"
+    assert "1 MiB" in str(exc.value) and len(str(exc.value)) < 400
+    ok = "#cloud-config\n" + "#" * (MAX_SEED_FILE_BYTES - 100) + "\n"
+    assert build_seed("a", CloudInit(user_data=ok)).user_data == ok.encode()
+
+
+def test_oversized_network_config_and_meta_data_are_refused() -> None:
+    from vmforge.seed.validate import MAX_SEED_FILE_BYTES
+    pad = "#" * MAX_SEED_FILE_BYTES + "\n"
+    with pytest.raises(SeedError) as exc:
+        build_seed("a", CloudInit(network_config=pad + "version: 2\n"))
+    assert exc.value.field == "spec.cloud_init.network_config"
+    with pytest.raises(SeedError) as exc:
+        build_seed("a", CloudInit(meta_data=pad + "instance-id: x\n"))
+    assert (exc.value.field or "").endswith("meta_data")  # build.py names it "meta_data"
+
+
+def test_gzip_bomb_user_data_is_refused_without_inflating_it() -> None:
+    import time
+    bomb = gzip.compress(b"#cloud-config\n" + b" " * (200 * 2 ** 20), compresslevel=9)
+    assert len(bomb) < 2 ** 20
+    t0 = time.perf_counter()
+    with pytest.raises(SeedError, match="decompress") as exc:
+        validate_user_data(bomb, "spec.cloud_init.user_data")
+    assert time.perf_counter() - t0 < 2
+    assert exc.value.field == "spec.cloud_init.user_data"
+
+
+def test_alias_bomb_and_duplicate_keys_in_user_data() -> None:
+    lines = ["#cloud-config", 'a0: &a0 "lol"']
+    for i in range(1, 10):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    with pytest.raises(SeedError, match="alias") as exc:
+        validate_user_data("\n".join(lines).encode(), "spec.cloud_init.user_data")
+    assert len(str(exc.value)) < 400
+    # repeated keys are read as cloud-init reads them (the last wins): its own documentation
+    # repeats `apt:` and `disk_setup:` in examples (spec files, unlike seeds, refuse them)
+    assert validate_user_data(b"#cloud-config\nruncmd: [a]\nruncmd: [b]\n") == "cloud-config"
+    assert validate_user_data(b"#cloud-config\nhostname: a\nhostname: b\n") == "cloud-config"
+
+
+@pytest.mark.parametrize("text,path,where", [
+    ("version: 2\nethernets:\n  eth0:\n    dhcp4: yes\n    adresses: [10.0.0.2/24]\n",
+     "ethernets.eth0.adresses", "line 5, column 5"),
+    ("version: 2\nethernets: {eth0: {dhcp4: true, adresses: [10.0.0.2/24]}}\n",
+     "ethernets.eth0.adresses", "line 2, column 33"),
+    ("network:\n  version: 2\n  ethernets:\n    id0:\n"
+     "      match: {macadress: '52:54:00:12:34:56'}\n",
+     "network.ethernets.id0.match.macadress", "line 5, column 15"),
+    ("version: 2\nethernets:\n  eth0:\n    dhcp4: maybe\n", "ethernets.eth0.dhcp4",
+     "line 4, column 5"),
+    ("version: 2\nethernets:\n  eth0:\n    dhcp4: 1\n", "ethernets.eth0.dhcp4",
+     "line 4, column 5"),
+    ("version: 2\nbonds:\n  bond0:\n    interfaces: [eth0]\n    parameters: {mode: fast}\n",
+     "bonds.bond0.parameters.mode", "line 5, column 18"),
+])
+def test_network_config_v2_typos_below_the_top_level(text: str, path: str, where: str) -> None:
+    with pytest.raises(SeedError) as exc:
+        validate_network_config(text, "spec.cloud_init.network_config")
+    msg = str(exc.value)
+    assert exc.value.field == "spec.cloud_init.network_config"
+    assert path in msg and where in msg, msg
+
+
+def test_network_config_typo_suggests_the_key() -> None:
+    with pytest.raises(SeedError, match="did you mean 'addresses'"):
+        validate_network_config("version: 2\nethernets: {eth0: {adresses: [10.0.0.2/24]}}\n")
+
+
+@pytest.mark.parametrize("text", [
+    # netplan keys that cloud-init's schema does not list still pass (netplan renders them)
+    "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n    link-local: [ipv6]\n"
+    "    macaddress: '52:54:00:12:34:56'\n    critical: true\n",
+    "version: 2\nwifis:\n  wlan0:\n    access-points: {home: {password: x}}\n",
+    "version: 2\nethernets:\n  eth0:\n    match: {macaddress: '52:54:00:12:34:56'}\n"
+    "    set-name: eth0\n    addresses: [192.168.1.2/24]\n    routes:\n"
+    "      - {to: default, via: 192.168.1.1}\n    nameservers: {addresses: [1.1.1.1]}\n",
+])
+def test_valid_network_config_v2_passes(text: str) -> None:
+    assert validate_network_config(text) == 2
+
+
+def test_network_config_v1_type_typo() -> None:
+    with pytest.raises(SeedError) as exc:
+        validate_network_config("version: 1\nconfig:\n  - type: physical\n    name: eth0\n"
+                                "    subnets: [{type: dhcp, adress: 10.0.0.2}]\n")
+    assert "config[0].subnets[0].adress" in str(exc.value)
+    assert "line 5, column 28" in str(exc.value)

@@ -114,3 +114,110 @@ def test_provision_steps_validate() -> None:
         parse_request({"name": "a", "spec": {"provision": [{"run": ["a"], "shell": "b"}]}})
     with pytest.raises(SpecError, match="exactly one"):
         parse_request({"name": "a", "spec": {"health_checks": [{"name": "empty"}]}})
+
+
+# ------------------------------------------------------------------ hostile input (issue 14 §5)
+
+def _billion_laughs(levels: int = 9, width: int = 9) -> str:
+    lines = ['lol0: &lol0 "lol"']
+    for i in range(1, levels + 1):
+        refs = ", ".join(f"*lol{i - 1}" for _ in range(width))
+        lines.append(f"lol{i}: &lol{i} [{refs}]")
+    lines.append(f"name: a\nspec: {{cpu_cores: *lol{levels}}}")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_fails_fast_in_bounded_memory(tmp_path: Path) -> None:
+    import time
+    import tracemalloc
+
+    from vmforge.spec import load_document
+    text = _billion_laughs()
+    tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(SpecError) as exc:
+            load_document(text, "bomb.yaml")
+        elapsed = time.perf_counter() - t0
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert elapsed < 2 and peak < 20 * 2 ** 20
+    msg = str(exc.value)
+    assert "alias" in msg and "line " in msg and len(msg) < 400
+    assert "lol, lol" not in msg and "'lol', 'lol'" not in msg
+    f = tmp_path / "bomb.yaml"
+    f.write_text(text)
+    with pytest.raises(SpecError, match="alias"):
+        load_request(f)
+
+
+def test_small_anchors_and_merge_keys_still_work() -> None:
+    from vmforge.spec import load_document
+    doc = load_document("base: &b {cpu_cores: 2, memory_mib: 256}\n"
+                        "spec:\n  <<: *b\n  memory_mib: 512\n", "x.yaml")
+    assert doc["spec"] == {"cpu_cores": 2, "memory_mib": 512}
+
+
+def test_recursive_alias_is_refused() -> None:
+    from vmforge.spec import load_document
+    with pytest.raises(SpecError, match="contains it"):
+        load_document("a: &a [1, *a]\n", "x.yaml")
+
+
+def test_deep_nesting_is_refused() -> None:
+    from vmforge.spec import load_document
+    for depth in (150, 5000):
+        with pytest.raises(SpecError, match="nest"):
+            load_document("name: " + "[" * depth + "]" * depth + "\n", "x.yaml")
+
+
+@pytest.mark.parametrize("text,where,key", [
+    ("name: a\nname: b\n", "line 2, column 1", "'name'"),
+    ('{"name": "a", "name": "b"}', "line 1, column 15", "'name'"),
+    ("name: a\nspec:\n  cpu_cores: 1\n  memory_mib: 64\n  cpu_cores: 2\n", "line 5, column 3",
+     "'cpu_cores'"),
+    ('{"name": "a", "spec": {"disks": [{"id": "d", "size_gib": 1, "id": "e"}]}}',
+     "line 1, column 61", "'id'"),
+])
+def test_duplicate_keys_are_refused(tmp_path: Path, text: str, where: str, key: str) -> None:
+    f = tmp_path / "vm.yaml"
+    f.write_text(text)
+    with pytest.raises(SpecError) as exc:
+        load_request(f)
+    msg = str(exc.value)
+    assert "duplicate key" in msg and key in msg and where in msg, msg
+
+
+def test_golden_recipes_refuse_duplicate_keys(tmp_path: Path) -> None:
+    from vmforge.builders.golden import load_recipe
+    f = tmp_path / "recipe.yaml"
+    f.write_text("base: debian\nbase: minimal\n")
+    with pytest.raises(SpecError, match="duplicate key 'base'"):
+        load_recipe(f)
+
+
+def test_error_messages_do_not_echo_huge_input() -> None:
+    with pytest.raises(SpecError) as exc:
+        parse_request({"name": "a", "spec": {"memory_mib": "x" * 100_000}})
+    assert exc.value.field == "spec.memory_mib" and len(str(exc.value)) < 600
+
+
+def test_binary_and_oversized_spec_files_are_spec_errors(tmp_path: Path) -> None:
+    from vmforge.yamlload import MAX_DOCUMENT_BYTES
+    binary = tmp_path / "disk.qcow2"
+    binary.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(range(256)))
+    with pytest.raises(SpecError, match="not UTF-8"):
+        load_request(binary)
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "w") as f:
+        f.write("name: a\n")
+        f.truncate(MAX_DOCUMENT_BYTES + 10)
+    with pytest.raises(SpecError, match="larger than 16 MiB"):
+        load_request(huge)
+
+
+def test_bad_scalar_values_are_yaml_errors_with_position() -> None:
+    from vmforge.spec import load_document
+    with pytest.raises(SpecError, match="line 2, column 10.*not a valid timestamp"):
+        load_document("name: a\ncreated: 2024-13-45\n", "x.yaml")
