@@ -33,6 +33,9 @@ seed_app = typer.Typer(no_args_is_help=True, help="cloud-init NoCloud seeds.")
 app.add_typer(seed_app, name="seed")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+NoSchemaOpt = Annotated[bool, typer.Option(
+    "--no-schema-check", help="Do not check cloud-init data against cloud-init's schemas "
+    "(YAML syntax and sizes are still checked).")]
 
 
 @app.callback()
@@ -69,6 +72,7 @@ def create(
     spec: Annotated[Path, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")],
     name: Annotated[list[str] | None, typer.Option("--name", "-n",
                     help="VM name (repeat to create many from one spec).")] = None,
+    no_schema_check: NoSchemaOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create VM(s) from a spec without starting them."""
@@ -79,7 +83,7 @@ def create(
         for req in reqs:
             with progress(f"creating {req.name}") as p:
                 m.ensure_images(req, p)
-                recs.append(m.create(req, p))
+                recs.append(m.create(req, p, schema_check=not no_schema_check))
         if json_out:
             print_json([r.as_dict() for r in recs])
         else:
@@ -96,6 +100,7 @@ def run_cmd(
     keep: Annotated[bool, typer.Option("--keep-on-failure",
                     help="Leave a VM that failed to boot or provision, for debugging.")]
     = False,
+    no_schema_check: NoSchemaOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create, start, wait until ready (agent hello) and provision; print the time to ready."""
@@ -107,7 +112,8 @@ def run_cmd(
             with progress(f"{req.name}") as p:
                 m.ensure_images(req, p)
                 recs.append(_arun(m.run(req, timeout=timeout, progress=p,
-                                        base_dir=spec.resolve().parent, keep_on_failure=keep)))
+                                        base_dir=spec.resolve().parent, keep_on_failure=keep,
+                                        schema_check=not no_schema_check)))
         if json_out:
             print_json([r.as_dict() for r in recs])
             return
@@ -446,6 +452,7 @@ def seed_build(
     fmt: Annotated[str, typer.Option("--format", help="iso or vfat.")] = "iso",
     hostname: Annotated[str, typer.Option(help="Default instance-id/local-hostname.")]
     = "vmforge",
+    no_schema_check: NoSchemaOpt = False,
 ) -> None:
     """Build a NoCloud seed (like cloud-localds), validated first."""
     from ..errors import SpecError
@@ -464,17 +471,44 @@ def seed_build(
     with errors_reported():
         ud = read(user_data, "--user-data")
         assert ud is not None
-        validate_user_data(ud, "--user-data")
+        schema = not no_schema_check
+        validate_user_data(ud, "--user-data", schema=schema)
         md = read(meta_data, "--meta-data")
         nc = read(network_config, "--network-config")
         if nc is not None:
-            validate_network_config(nc.decode(), "--network-config")
+            validate_network_config(nc.decode(), "--network-config", schema=schema)
         vd = read(vendor_data, "--vendor-data")
         if vd is not None:
-            validate_user_data(vd, "--vendor-data")
-        seed = Seed(_meta_data(md.decode() if md else None, hostname), ud, nc, vd)
+            validate_user_data(vd, "--vendor-data", schema=schema)
+        seed = Seed(_meta_data(md.decode() if md else None, hostname, "--meta-data"), ud, nc, vd)
         write_seed(seed, output, fmt)
         out.print(f"wrote {output} ({fmt}, label cidata)")
+
+
+@seed_app.command("validate")
+def seed_validate(
+    files: Annotated[list[Path], typer.Argument(help="user-data, meta-data, network-config or "
+                                                "vendor-data files (kind by name, else content).")],
+    no_schema_check: NoSchemaOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Check cloud-init files against cloud-init's own schemas (for CI and editors): every
+    problem with its line and column; exit 2 if any."""
+    from ..seed.validate import validate_files
+    with errors_reported():
+        problems = validate_files(files, schema=not no_schema_check)
+        if json_out:
+            print_json([{"file": e.field, "message": e.message, "hint": e.hint}
+                        for e in problems])
+        else:
+            for e in problems:
+                err.print(f"[red]{e.message}[/]", highlight=False, markup=True)
+                if e.hint:
+                    err.print(f"  [yellow]hint:[/] {e.hint}", highlight=False)
+            if not problems:
+                out.print(f"ok: {len(files)} file(s)")
+        if problems:
+            raise typer.Exit(2)
 
 
 @app.command()

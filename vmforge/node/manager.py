@@ -418,7 +418,11 @@ class VmManager:
                 **drv.render(mp, host).to_json()}
 
     # -- lifecycle
-    def create(self, req: VmRequest, progress: Progress = no_progress) -> VmRecord:
+    def create(self, req: VmRequest, progress: Progress = no_progress, *,
+               schema_check: bool = True) -> VmRecord:
+        """Make the VM's directory (overlays, seed, NVRAM) and its row, or nothing at all.
+        ``schema_check=False`` skips cloud-init's schemas (YAML and sizes are still checked).
+        """
         from . import plan as planmod
         drv, inputs, _accel, _why = self._checked(req, None)
         host = self.host()
@@ -454,7 +458,7 @@ class VmManager:
                 progress(Event(req.name, "create", "preparing disks and seed"))
                 planmod.prepare_artifacts(req, inputs, VmPaths(tmp), host,
                                           Path(guest.__file__).read_bytes(),
-                                          find_ssh_public_key())
+                                          find_ssh_public_key(), schema_check)
                 _write_private(tmp / "spec.json", req.model_dump_json(by_alias=True, indent=2))
                 hit("create.artifacts")
                 os.rename(tmp, final)
@@ -745,12 +749,12 @@ class VmManager:
 
     async def run(self, req: VmRequest, *, timeout: float = 180.0,
                   progress: Progress = no_progress, base_dir: Path | None = None,
-                  keep_on_failure: bool = False) -> VmRecord:
+                  keep_on_failure: bool = False, schema_check: bool = True) -> VmRecord:
         """create + start + wait until ready + provision (the spec's ``provision`` steps).
 
         A VM that fails on the way (or is interrupted) is removed, unless ``keep_on_failure``.
         """
-        self.create(req, progress)
+        self.create(req, progress, schema_check=schema_check)
         try:
             self.start(req.name, progress)
             progress(Event(req.name, "wait", "waiting for the guest agent"

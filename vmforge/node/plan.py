@@ -27,6 +27,7 @@ from ..hypervisors.plan import (
 )
 from ..images import qcow2
 from ..images.library import Image, Library
+from ..images.probe import check_disk_image
 from ..paths import VmPaths
 from ..spec import BootDevice, DiskFormat, Firmware, VmRequest
 
@@ -83,20 +84,12 @@ def _check_files(req: VmRequest) -> None:
     for i, d in enumerate(spec.disks):
         if d.backing_file:
             _must_exist(d.backing_file, f"spec.disks[{i}].backing_file", "backing file")
-            _check_disk_image(d.backing_file, f"spec.disks[{i}].backing_file")
+            check_disk_image(d.backing_file, f"spec.disks[{i}].backing_file")
     for i, c in enumerate(spec.cdroms):
         _must_exist(c.iso_path, f"spec.cdroms[{i}].iso_path", "ISO")
     if spec.kernel and not spec.kernel.image:
         _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
         _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
-
-
-def _check_disk_image(path: str, field: str) -> None:
-    try:
-        from ..images.probe import check_disk_image
-    except ImportError:  # pragma: no cover - the probe module lands with the input checks
-        return
-    check_disk_image(path, field)
 
 
 def check_inputs(req: VmRequest, library: Library) -> Inputs:
@@ -188,7 +181,8 @@ def needs_seed(req: VmRequest) -> bool:
 
 
 def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
-                      agent_source: bytes | None, ssh_key: str | None) -> None:
+                      agent_source: bytes | None, ssh_key: str | None,
+                      schema_check: bool = True) -> None:
     """Write overlays, blank disks, the seed and the UEFI vars copy into ``paths.dir``
     (owner-only: the seed carries user-data, which may hold passwords)."""
     from ..seed import build_seed, inject_agent, write_iso
@@ -207,7 +201,8 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
                 raise SpecError("a blank disk needs size_gib", field=f"spec.disks[{d.id}]")
             qcow2.create_blank(target, int(d.size_gib * qcow2.GIB), d.format.value)
     if needs_seed(req):
-        seed = build_seed(req.name, spec.cloud_init, default_if_empty=True, ssh_key=ssh_key)
+        seed = build_seed(req.name, spec.cloud_init, default_if_empty=True, ssh_key=ssh_key,
+                          schema=schema_check)
         if spec.agent.enabled and spec.agent.inject and agent_source and \
                 not inputs.agent_baked_in:
             seed = inject_agent(seed, agent_source)

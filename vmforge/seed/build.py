@@ -60,8 +60,8 @@ def default_user_data(hostname: str, ssh_key: str | None, user: str | None = Non
     return b"#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False).encode()
 
 
-def _meta_data(text: str | None, name: str) -> bytes:
-    meta = parse_meta_data(text or "")
+def _meta_data(text: str | None, name: str, field: str = "spec.cloud_init.meta_data") -> bytes:
+    meta = parse_meta_data(text or "", field)
     meta.setdefault("instance-id", name)
     meta.setdefault("local-hostname", name)
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
@@ -69,23 +69,26 @@ def _meta_data(text: str | None, name: str) -> bytes:
 
 
 def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: bool = False,
-               ssh_key: str | None = None) -> Seed:
-    """Validate the spec's cloud_init and produce the seed files (pure apart from defaults)."""
+               ssh_key: str | None = None, schema: bool = True) -> Seed:
+    """Validate the spec's cloud_init (against cloud-init's schemas unless ``schema`` is
+    False) and produce the seed files (pure apart from defaults)."""
     ci = cloud_init or CloudInit()
     if ci.user_data is not None:
         user = ci.user_data.encode()
-        validate_user_data(user, "spec.cloud_init.user_data")
+        validate_user_data(user, "spec.cloud_init.user_data", schema=schema)
     elif default_if_empty:
         user = default_user_data(name, ssh_key)
     else:
         user = b"#cloud-config\n{}\n"
     net = None
     if ci.network_config is not None:
-        validate_network_config(ci.network_config, "spec.cloud_init.network_config")
+        validate_network_config(ci.network_config, "spec.cloud_init.network_config",
+                                schema=schema)
         net = ci.network_config.encode()
     vendor = None
     if ci.vendor_data is not None:
-        validate_user_data(ci.vendor_data.encode(), "spec.cloud_init.vendor_data")
+        validate_user_data(ci.vendor_data.encode(), "spec.cloud_init.vendor_data",
+                           schema=schema)
         vendor = ci.vendor_data.encode()
     meta = _meta_data(ci.meta_data, name)
     return Seed(meta, user, net, vendor)
