@@ -69,11 +69,11 @@ def test_unparsable_stored_spec_shows_as_broken_and_rm_works(tmp_path: Path) -> 
     m.library.add("minimal", {"kernel": k, "vmlinux": k, "initrd": k}, kind="kernel")
     m.create(parse_request({"name": "good", "spec": {"kernel": {"image": "minimal"}}}))
     m.create(parse_request({"name": "bad", "spec": {"kernel": {"image": "minimal"}}}))
-    with m.db.tx() as c:  # as if a later model refused a field this row has
-        c.execute("UPDATE vms SET spec=? WHERE name='bad'",
+    with m.db.tx() as c:  # written under an older model revision that this one refuses
+        c.execute("UPDATE vms SET spec=?, spec_rev=0 WHERE name='bad'",
                   (json.dumps({"name": "bad", "spec": {"cpu_cores": "many"}}),))
     recs = {r.name: r for r in m.vms()}
-    assert recs["good"].state is VmState.CREATED
+    assert recs["good"].state is VmState.CREATED and recs["good"].request is not None
     assert recs["bad"].state is VmState.BROKEN and "cpu_cores" in (recs["bad"].last_error or "")
     assert "spec" not in recs["bad"].as_dict()
     asyncio.run(m.delete("bad", force=True))
