@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
-from ..spec import CloudInit
 from .validate import parse_meta_data, validate_network_config, validate_user_data
+
+if TYPE_CHECKING:  # the seed path (`vmforge seed build`) stays free of pydantic
+    from ..spec import CloudInit
 
 __all__ = ["Seed", "build_seed", "default_user_data", "find_ssh_public_key", "inject_agent"]
 
@@ -72,7 +75,10 @@ def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: boo
                ssh_key: str | None = None, schema: bool = True) -> Seed:
     """Validate the spec's cloud_init (against cloud-init's schemas unless ``schema`` is
     False) and produce the seed files (pure apart from defaults)."""
-    ci = cloud_init or CloudInit()
+    ci = cloud_init
+    if ci is None:
+        from ..spec import CloudInit
+        ci = CloudInit()
     if ci.user_data is not None:
         user = ci.user_data.encode()
         validate_user_data(user, "spec.cloud_init.user_data", schema=schema)
