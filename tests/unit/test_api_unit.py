@@ -1,0 +1,316 @@
+"""The REST API in-process (FastAPI TestClient), with a manager on a temporary data directory
+and no VMs: authentication, errors as JSON with the field, nothing left on disk by refused
+requests, the event stream's ids and resume, OpenAPI. No processes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tests.fakes import fake_host
+from vmforge.api import create_app
+from vmforge.api.app import mark_transport
+from vmforge.api.events import EventBus
+from vmforge.api.supervisor import exit_reason, locks_held
+from vmforge.node.manager import VmManager
+from vmforge.node.states import ExitReason
+from vmforge.paths import DataDir
+
+TOKEN = "unit-test-token-5f1c2a9d8e7b6a5c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> DataDir:
+    return DataDir(tmp_path / "data").ensure()
+
+
+@pytest.fixture
+def manager(data: DataDir) -> Iterator[VmManager]:
+    m = VmManager(data, host=fake_host())
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def client(manager: VmManager) -> Iterator[TestClient]:
+    app = create_app(manager, TOKEN, supervise=False, stream_limit=0.2)
+    with TestClient(app) as c:
+        yield c
+
+
+def nothing_on_disk(data: DataDir, manager: VmManager) -> None:
+    assert list(data.vms.iterdir()) == []
+    assert list(data.locks.iterdir()) == []
+    assert manager.vms() == []
+    assert not (data.root.parent / "x").exists()
+
+
+def minimal_kernel_spec(tmp_path: Path, name: str = "api-vm") -> dict[str, Any]:
+    kernel, initrd = tmp_path / "vmlinux", tmp_path / "initrd"
+    kernel.write_bytes(b"\x7fELF kernel")
+    initrd.write_bytes(b"initrd")
+    return {"name": name, "spec": {"memory_mib": 256,
+                                   "kernel": {"kernel": str(kernel), "initrd": str(initrd)}}}
+
+
+# -- authentication
+def test_no_token_is_401_and_nothing_done(client: TestClient, data: DataDir,
+                                          manager: VmManager, tmp_path: Path) -> None:
+    r = client.post("/v1/vms", params={"start": False}, json=minimal_kernel_spec(tmp_path))
+    assert r.status_code == 401
+    assert r.headers["www-authenticate"] == "Bearer"
+    assert r.json()["error"] == "Unauthorized"
+    nothing_on_disk(data, manager)
+
+
+def test_wrong_token_is_401(client: TestClient) -> None:
+    for header in ("Bearer nope", f"Bearer {TOKEN}x", TOKEN, f"Basic {TOKEN}"):
+        r = client.get("/v1/vms", headers={"Authorization": header})
+        assert r.status_code == 401, header
+        assert TOKEN not in r.text
+
+
+def test_right_token_and_unix_socket(manager: VmManager) -> None:
+    app = create_app(manager, TOKEN, supervise=False)
+    with TestClient(app) as c:
+        assert c.get("/v1/vms", headers=AUTH).json() == []
+    with TestClient(mark_transport(app, "unix")) as c:  # the socket's mode is the guard
+        assert c.get("/v1/vms").status_code == 200
+    with TestClient(mark_transport(app, "tcp")) as c:
+        assert c.get("/v1/vms").status_code == 401
+
+
+def test_openapi_needs_no_token_and_lists_the_api(client: TestClient) -> None:
+    doc = client.get("/openapi.json").json()
+    paths = doc["paths"]
+    for p in ("/v1/vms", "/v1/vms/{name}", "/v1/vms/{name}/start", "/v1/vms/{name}/stop",
+              "/v1/vms/{name}/kill", "/v1/vms/{name}/console", "/v1/vms/{name}/exec",
+              "/v1/vms/{name}/files", "/v1/vms/{name}/health", "/v1/images",
+              "/v1/images/{ref}", "/v1/images/pull", "/v1/images/import",
+              "/v1/images/build", "/v1/images/prune", "/v1/jobs/{job_id}", "/v1/events",
+              "/v1/host"):
+        assert p in paths, p
+    assert "delete" in paths["/v1/vms/{name}"]
+    assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert "422" in paths["/v1/vms"]["post"]["responses"]
+
+
+# -- errors
+def test_missing_backing_file_is_422_with_field(client: TestClient, data: DataDir,
+                                                manager: VmManager) -> None:
+    req = {"name": "web-server-01", "spec": {
+        "cpu_cores": 2, "memory_mib": 1024, "firmware": "FIRMWARE_UEFI",
+        "boot_order": ["BOOT_DEVICE_DISK"],
+        "disks": [{"id": "boot", "size_gib": 20, "bootable": True,
+                   "backing_file": "/nonexistent/base.qcow2"}],
+        "cloud_init": {"user_data": "#cloud-config\nhostname: web-server-01\n"}}}
+    r = client.post("/v1/vms", json=req, headers=AUTH)
+    assert r.status_code == 422, r.text
+    body = r.json()
+    assert body["error"] == "SpecError"
+    assert body["field"] == "spec.disks[0].backing_file"
+    assert "/nonexistent/base.qcow2" in body["message"]
+    assert body["hint"]
+    nothing_on_disk(data, manager)
+
+
+def test_bad_spec_fields_are_named(client: TestClient) -> None:
+    cases = [({"name": "a", "spec": {"memory_mib": -1}}, "spec.memory_mib"),
+             ({"name": "a", "spec": {"firmware": "FIRMWARE_NOPE"}}, "spec.firmware"),
+             ({"name": "a", "spec": {"disks": [{"id": "d"}]}}, "spec.disks[0]"),
+             ({"name": "a", "spec": {"bogus": 1}}, "spec.bogus"),
+             ({"spec": {}}, "name")]
+    for req, field in cases:
+        r = client.post("/v1/vms", json=req, headers=AUTH)
+        assert r.status_code == 422, (req, r.text)
+        assert r.json()["field"] == field, (req, r.json())
+    r = client.post("/v1/vms", content=b"{not json", headers={**AUTH,
+                                                              "Content-Type": "application/json"})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("name", ["../x", "..", "a/b", "-a", "x" * 64, "a_b", ""])
+def test_hostile_names_are_422_and_nothing_on_disk(client: TestClient, data: DataDir,
+                                                   manager: VmManager, tmp_path: Path,
+                                                   name: str) -> None:
+    req = minimal_kernel_spec(tmp_path, name)
+    r = client.post("/v1/vms", json=req, params={"start": False}, headers=AUTH)
+    assert r.status_code == 422, r.text
+    assert r.json()["field"] == "name"
+    nothing_on_disk(data, manager)
+
+
+@pytest.mark.parametrize("path", ["/v1/vms/..%2Fx", "/v1/vms/a_b", "/v1/vms/-x/kill",
+                                  "/v1/vms/a%2F..%2F..%2Fx/stop"])
+def test_hostile_names_in_paths(client: TestClient, data: DataDir, manager: VmManager,
+                                path: str) -> None:
+    method = "POST" if path.endswith(("kill", "stop")) else "GET"
+    r = client.request(method, path, headers=AUTH)
+    assert r.status_code in (404, 422), r.text
+    assert r.json()["error"] in ("NotFound", "SpecError")
+    r = client.delete(path, headers=AUTH)
+    assert r.status_code in (404, 405, 422)
+    nothing_on_disk(data, manager)
+
+
+def test_not_found(client: TestClient) -> None:
+    for method, path in (("GET", "/v1/vms/nope"), ("POST", "/v1/vms/nope/start"),
+                         ("POST", "/v1/vms/nope/stop"), ("POST", "/v1/vms/nope/kill"),
+                         ("DELETE", "/v1/vms/nope"), ("GET", "/v1/vms/nope/console"),
+                         ("GET", "/v1/images/nope"), ("DELETE", "/v1/images/nope:3"),
+                         ("GET", "/v1/jobs/job-000000000000"), ("GET", "/v1/nothing")):
+        r = client.request(method, path, headers=AUTH)
+        assert r.status_code == 404, (method, path, r.text)
+        assert set(r.json()) >= {"error", "message", "status", "field", "hint"}
+    r = client.post("/v1/vms/nope/exec", json={"argv": ["true"]}, headers=AUTH)
+    assert r.status_code == 404
+    r = client.put("/v1/vms/nope/files", params={"path": "/tmp/x"}, content=b"x",
+                   headers=AUTH)
+    assert r.status_code == 404
+
+
+def test_create_without_start_then_delete(client: TestClient, data: DataDir,
+                                          manager: VmManager, tmp_path: Path) -> None:
+    req = minimal_kernel_spec(tmp_path)
+    req["spec"]["cloud_init"] = {"user_data": "#cloud-config\npassword: hunter2\n"}
+    r = client.post("/v1/vms", json=req, params={"start": False}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    vm = r.json()
+    assert vm["state"] == "created" and vm["links"]["self"] == "/v1/vms/api-vm"
+    assert "hunter2" not in r.text  # user-data is redacted
+    assert r.headers["location"] == "/v1/vms/api-vm"
+    again = client.post("/v1/vms", json=req, params={"start": False}, headers=AUTH)
+    assert again.status_code == 409 and again.json()["error"] == "VmExists"
+    assert client.post("/v1/vms/api-vm/kill", headers=AUTH).status_code == 409
+    assert [v["name"] for v in client.get("/v1/vms", headers=AUTH).json()] == ["api-vm"]
+    shown = client.get("/v1/vms/api-vm", params={"show_secrets": True}, headers=AUTH)
+    assert "hunter2" in shown.text
+    assert client.get("/v1/vms/api-vm/console", headers=AUTH).status_code == 200
+    r = client.delete("/v1/vms/api-vm", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"name": "api-vm", "deleted": True}
+    nothing_on_disk(data, manager)
+    events = client.get("/v1/events", params={"replay": True, "follow": False, "vm": "api-vm"},
+                        headers=AUTH)
+    states = [json.loads(line[6:])["state"] for line in events.text.splitlines()
+              if line.startswith("data: ") and '"state"' in line]
+    assert states == ["created", "deleted"]
+
+
+def test_exec_needs_a_running_vm(client: TestClient, tmp_path: Path) -> None:
+    client.post("/v1/vms", json=minimal_kernel_spec(tmp_path), params={"start": False},
+                headers=AUTH)
+    r = client.post("/v1/vms/api-vm/exec", json={"argv": ["true"]}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"] == "InvalidState"
+    r = client.post("/v1/vms/api-vm/exec", json={"argv": []}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "argv"
+    r = client.get("/v1/vms/api-vm/files", params={"path": "relative"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "path"
+    client.delete("/v1/vms/api-vm", headers=AUTH)
+
+
+def test_token_in_no_log(manager: VmManager, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    app = create_app(manager, TOKEN, supervise=False)
+    with TestClient(app) as c:
+        c.get("/v1/vms", headers=AUTH)
+        c.get("/v1/vms", headers={"Authorization": "Bearer wrong"})
+        c.get("/v1/vms/nope", headers=AUTH)
+    assert TOKEN not in caplog.text
+
+
+def test_images_and_jobs(client: TestClient) -> None:
+    assert client.get("/v1/images", headers=AUTH).json() == []
+    assert client.post("/v1/images/prune", headers=AUTH).json() == {"removed": []}
+    r = client.post("/v1/images/import", json={"path": "/nonexistent.qcow2", "name": "x"},
+                    headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "path"
+    r = client.post("/v1/images/pull", json={"url": "ftp://x", "name": "x"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "url"
+    r = client.post("/v1/images/build", json={"kind": "golden"}, headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "recipe"
+    r = client.post("/v1/images/build", json={"kind": "golden", "recipe": {"name": "g"}},
+                    headers=AUTH)
+    assert r.status_code == 422 and r.json()["field"] == "recipe.base"
+    assert client.get("/v1/jobs", headers=AUTH).json() == []
+
+
+# -- events
+def test_event_ids_grow_and_resume() -> None:
+    bus = EventBus(capacity=5)
+    ids = [bus.publish("vm", "state", s, vm="a", state=s).id for s in
+           ("created", "starting", "running")]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    after, gap = bus.since(ids[0])
+    assert [e.state for e in after] == ["starting", "running"] and not gap
+    for i in range(10):
+        bus.publish("job", "progress", str(i))
+    _, gap = bus.since(ids[0])
+    assert gap  # older than the buffer
+
+
+def test_sse_resume_with_last_event_id(client: TestClient) -> None:
+    bus: EventBus = client.app.state.daemon.bus  # type: ignore[attr-defined]
+    first = bus.publish("vm", "state", "created", vm="a", state="created")
+    bus.publish("vm", "state", "starting", vm="a", state="starting")
+    r = client.get("/v1/events", params={"follow": False},
+                   headers={**AUTH, "Last-Event-ID": str(first.id)})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    ids = [int(line[4:]) for line in r.text.splitlines() if line.startswith("id: ")]
+    assert ids == [first.id + 1]
+    r = client.get("/v1/events", params={"last_event_id": "x1"}, headers=AUTH)
+    assert r.status_code == 422
+
+
+# -- supervision helpers
+def test_exit_reasons() -> None:
+    assert exit_reason([]) is ExitReason.HYPERVISOR_DIED
+    assert exit_reason([{"event": "SHUTDOWN", "data": {"guest": True,
+                                                       "reason": "guest-shutdown"}}]) \
+        is ExitReason.GUEST_SHUTDOWN
+    assert exit_reason([{"event": "GUEST_PANICKED", "data": {}}]) is ExitReason.GUEST_PANIC
+    assert exit_reason([{"event": "SHUTDOWN", "data": {"guest": False,
+                                                       "reason": "host-qmp-quit"}}]) \
+        is ExitReason.STOPPED
+    assert exit_reason([{"event": "SHUTDOWN", "data": {"guest": False,
+                                                       "reason": "host-signal"}}]) \
+        is ExitReason.HYPERVISOR_DIED
+
+
+def test_locks_held_reads_proc_locks(data: DataDir) -> None:
+    from vmforge.node.lock import VmLock
+    lock = VmLock(data.locks, "a")
+    path = data.locks / "a.lock"
+    assert locks_held([path]) == set()
+    lock.acquire()
+    try:
+        assert locks_held([path]) == {path}
+    finally:
+        lock.release()
+    assert locks_held([path]) == set()
+
+
+@pytest.mark.subprocess
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    """contrib/vmforge.service passes `systemd-analyze verify` (its ExecStart pointed at this
+    checkout, as an install under /opt/vmforge would have it)."""
+    import shutil
+    import subprocess
+
+    tool = shutil.which("systemd-analyze")
+    if tool is None:
+        pytest.skip("systemd-analyze is not installed")
+    root = Path(__file__).resolve().parents[2]
+    unit = tmp_path / "vmforge.service"
+    unit.write_text((root / "contrib/vmforge.service").read_text()
+                    .replace("/opt/vmforge", str(root)))
+    res = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "KillMode=process" in unit.read_text()  # VMs outlive the daemon
