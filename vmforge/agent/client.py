@@ -16,6 +16,12 @@ drops it when its holder dies, the free case costs one system call (no sleep), a
 bounded (``queue_timeout``, default 60 s, or ``$VMFORGE_AGENT_QUEUE_TIMEOUT``) before an
 "agent busy" error. vsock and hybrid vsock give every client its own stream: never serialised.
 
+Interactive execs (``start_exec``): the command's stdin is streamed while it runs, optionally on a
+pseudo-terminal in the guest (``tty=True``: window size, resizes, the user's login shell). Input
+is flow-controlled: at most ``INPUT_WINDOW`` chunks of ``INPUT_CHUNK`` bytes are unanswered, and
+the guest answers a chunk once the process has been given it. :mod:`vmforge.agent.terminal`
+attaches a local terminal to such a session.
+
 Readiness is a hello from the *current* boot: the guest reports its kernel ``boot_id``, and a
 client that asked for a reboot (or a caller passing ``not_boot=``) ignores hellos of the boot it
 left. Under virtio-serial the host socket survives a guest reboot, so the hello of the session
@@ -45,7 +51,7 @@ from typing import Any
 from ..errors import AgentBusy, AgentError, AgentTimeout, RemoteError, SpecError
 from .protocol import Decoder, encode
 
-__all__ = ["AgentClient", "ExecResult", "ChannelLock", "connect", "parse_vsock",
+__all__ = ["AgentClient", "ExecResult", "ExecSession", "ChannelLock", "connect", "parse_vsock",
            "parse_hvsock", "queue_timeout_from_env", "CHUNK", "DEFAULT_QUEUE_TIMEOUT",
            "QUEUE_TIMEOUT_ENV"]
 
@@ -53,6 +59,8 @@ log = logging.getLogger("vmforge.agent")
 
 CHUNK = 512 * 1024
 WINDOW = 8
+INPUT_CHUNK = 64 * 1024
+INPUT_WINDOW = 8
 DEFAULT_QUEUE_TIMEOUT = 60.0
 QUEUE_TIMEOUT_ENV = "VMFORGE_AGENT_QUEUE_TIMEOUT"
 _HINT_RUNNING = "is the VM running? `vmforge ls`"
@@ -80,6 +88,91 @@ class _Call:
     future: asyncio.Future[Any]
     on_stream: StreamFn | None = None
     chunks: list[tuple[str, bytes]] = field(default_factory=list)
+
+
+class ExecSession:
+    """A command running in the guest with its stdin streamed from here (``start_exec``).
+
+    ``write`` and ``close_stdin`` feed its stdin (on a terminal: what the user types; there,
+    end of file is the terminal's EOF character), ``resize`` changes the terminal's window,
+    ``signal`` signals it, and ``wait`` returns its :class:`ExecResult` once it has exited and
+    all of its output has been delivered to ``on_output``.
+    """
+
+    def __init__(self, client: AgentClient, mid: int, pending: _Call, what: str,
+                 timeout: float | None, tty: bool) -> None:
+        self._client = client
+        self.id = mid
+        self._pending = pending
+        self._what = what
+        self._timeout = timeout
+        self.tty = tty
+        self.stdin_open = True
+        self._inflight: list[tuple[int, _Call]] = []
+
+    @property
+    def done(self) -> bool:
+        return self._pending.future.done()
+
+    async def write(self, data: bytes) -> None:
+        """Give the command these bytes; waits while ``INPUT_WINDOW`` chunks are unanswered.
+        Bytes for a command that has exited or closed its stdin are dropped."""
+        for i in range(0, len(data), INPUT_CHUNK):
+            await self._input({"data": base64.b64encode(data[i:i + INPUT_CHUNK]).decode()})
+
+    async def close_stdin(self) -> None:
+        await self._input({"eof": True})
+        while self._inflight:
+            await self._ack(*self._inflight.pop(0))
+
+    async def _input(self, args: dict[str, Any]) -> None:
+        if self.done or not self.stdin_open:
+            return
+        self._inflight.append(await self._client._send("input", {"exec": self.id, **args},
+                                                        None))
+        while len(self._inflight) >= INPUT_WINDOW:
+            await self._ack(*self._inflight.pop(0))
+
+    async def _ack(self, mid: int, pending: _Call) -> None:
+        try:
+            res = await self._client._result(mid, pending, None, "input")
+        except RemoteError as exc:
+            if exc.kind != "NoSession":
+                raise
+            self.stdin_open = False  # it has exited: what was typed after that is moot
+            return
+        if isinstance(res, dict) and res.get("open") is False:
+            self.stdin_open = False
+
+    async def _control(self, call: str, args: dict[str, Any]) -> None:
+        if self.done:
+            return
+        try:
+            await self._client.call(call, {"exec": self.id, **args}, timeout=30)
+        except RemoteError as exc:
+            if exc.kind != "NoSession":
+                raise
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """The terminal's new window size (the guest's kernel sends SIGWINCH)."""
+        await self._control("resize", {"rows": rows, "cols": cols})
+
+    async def signal(self, signum: int) -> None:
+        """Signal the command (on a terminal: its foreground process group)."""
+        await self._control("signal", {"signum": int(signum)})
+
+    async def wait(self) -> ExecResult:
+        wait = None if self._timeout is None else self._timeout + 30
+        try:
+            res = await self._client._result(self.id, self._pending, wait, self._what)
+        finally:
+            for mid, _call in self._inflight:  # answers still to come are not awaited
+                self._client._pending.pop(mid, None)
+            self._inflight.clear()
+        out = b"".join(d for s, d in self._pending.chunks if s == "stdout")
+        err = b"".join(d for s, d in self._pending.chunks if s == "stderr")
+        return ExecResult(res["exit_code"], res["signal"], res["timed_out"], res["duration"],
+                          out, err)
 
 
 def queue_timeout_from_env(default: float = DEFAULT_QUEUE_TIMEOUT) -> float:
@@ -543,6 +636,17 @@ class AgentClient:
     async def ping(self) -> dict[str, Any]:
         return dict(await self.call("ping"))
 
+    async def interfaces(self) -> list[dict[str, Any]] | None:
+        """The guest's network interfaces: ``name``, ``mac``, ``state``, ``ipv4``/``ipv6``
+        (``ADDRESS/PREFIX``); None from an agent that predates the call."""
+        try:
+            res = await self.call("interfaces", timeout=10)
+        except RemoteError as exc:
+            if exc.kind == "unknown_call":
+                return None
+            raise
+        return [dict(i) for i in res if isinstance(i, dict)] if isinstance(res, list) else None
+
     async def health(self, checks: list[dict[str, Any]] | None = None,
                      timeout: float = 60) -> dict[str, Any]:
         return dict(await self.call("health", {"checks": checks or []}, timeout=timeout))
@@ -562,6 +666,78 @@ class AgentClient:
         err = b"".join(d for s, d in pending.chunks if s == "stderr")
         return ExecResult(res["exit_code"], res["signal"], res["timed_out"], res["duration"],
                           out, err)
+
+    async def features(self) -> set[str]:
+        """What the guest agent can do beyond the first protocol (its hello's ``features``)."""
+        hello = await self._session_hello()
+        value = hello.get("features") if isinstance(hello, dict) else None
+        return {str(f) for f in value} if isinstance(value, list) else set()
+
+    async def require(self, feature: str, what: str) -> None:
+        if feature not in await self.features():
+            version = (self.hello or {}).get("agent_version", "unknown")
+            raise AgentError(f"the guest agent (version {version}) cannot {what}",
+                             hint="the agent was installed when the VM was created: recreate "
+                                  "the VM to get the current one")
+
+    async def start_exec(self, argv: list[str] | None = None, *, tty: bool = False,
+                         rows: int = 24, cols: int = 80, term: str | None = None,
+                         login: bool = False, user: str | None = None, shell: bool = False,
+                         env: dict[str, str] | None = None, cwd: str | None = None,
+                         timeout: float | None = None,
+                         on_output: StreamFn | None = None) -> ExecSession:
+        """Start a command whose stdin is streamed while it runs; ``tty``: on a new
+        pseudo-terminal of ``rows`` x ``cols`` with ``$TERM`` = ``term`` (its output, stdout
+        and stderr alike, is the ``stdout`` stream); ``login``: the user's login shell
+        (``argv`` empty); ``user``: run as that guest user (name or uid)."""
+        await self.require("tty" if tty else "stdin_stream",
+                           "run a command on a terminal" if tty else "stream stdin")
+        argv = list(argv or [])
+        args: dict[str, Any] = {"argv": argv, "shell": shell, "env": env, "cwd": cwd,
+                                "timeout": timeout, "stream": True, "interactive": True}
+        if tty:
+            args.update(tty=True, rows=rows, cols=cols, term=term)
+        if login:
+            args["login"] = True
+        if user is not None:
+            args["user"] = user
+        mid, pending = await self._send("exec", args, on_output)
+        what = "login shell" if login else f"exec {argv[0] if argv else ''}"
+        return ExecSession(self, mid, pending, what, timeout, tty)
+
+    async def boot_timing(self) -> dict[str, Any]:
+        """The guest's raw boot timing data (parsed by :mod:`vmforge.node.timeline`), placed
+        on the host's clock: ``anchor`` pairs the guest's uptime with the host's time
+        (``host_time``, the midpoint of the quickest of three pings; ``rtt`` its round trip)."""
+        try:
+            raw = dict(await self.call("boot_timing", timeout=120))
+        except RemoteError as exc:
+            if exc.kind != "unknown_call":
+                raise
+            hello = await self._session_hello()  # an older agent: its start is all there is
+            raw = {"agent_started": hello.get("uptime_at_start"),
+                   "boot_id": hello.get("boot_id")}
+        best: dict[str, Any] | None = None
+        for _ in range(3):
+            t0 = time.time()
+            pong = await self.ping()
+            t1 = time.time()
+            if best is None or t1 - t0 < best["rtt"]:
+                best = {"host_time": (t0 + t1) / 2, "uptime": float(pong["uptime"]),
+                        "rtt": t1 - t0}
+        raw["anchor"] = best
+        return raw
+
+    async def _session_hello(self) -> dict[str, Any]:
+        if self._session is None or not self.connected:
+            await self.connect()
+        assert self._session is not None
+        try:
+            hello = await asyncio.wait_for(asyncio.shield(self._session.future), 30)
+        except TimeoutError:
+            raise AgentTimeout("the agent did not answer the session hello in 30s",
+                               hint="is the guest up? `vmforge console NAME`") from None
+        return hello if isinstance(hello, dict) else {}
 
     async def put_file(self, local: str | Path, remote: str, *, mode: int | None = None,
                        owner: str | None = None, group: str | None = None) -> dict[str, Any]:
@@ -687,15 +863,7 @@ class AgentClient:
     async def boot_id(self) -> str | None:
         """The guest kernel's boot id (``/proc/sys/kernel/random/boot_id``), from the
         session's hello; None from an agent too old to report it."""
-        if self._session is None or not self.connected:
-            await self.connect()
-        assert self._session is not None
-        try:
-            hello = await asyncio.wait_for(asyncio.shield(self._session.future), 30)
-        except TimeoutError:
-            raise AgentTimeout("the agent did not answer the session hello in 30s",
-                               hint="is the guest up? `vmforge console NAME`") from None
-        value = hello.get("boot_id") if isinstance(hello, dict) else None
+        value = (await self._session_hello()).get("boot_id")
         return str(value) if value else None
 
     async def shutdown(self) -> None:

@@ -9,19 +9,30 @@ reader that lost its place (host reconnect mid-message) resynchronises at the ne
 Messages: guest events ``{"event": "hello", "data": {...}}``; host calls
 ``{"id": N, "call": NAME, "args": {...}}``; guest stream chunks ``{"id": N, "stream": S,
 "data": B64}``; and one final ``{"id": N, "result": ...}`` or ``{"id": N, "error": {...}}``.
+
+Interactive execs (hello ``features`` lists ``tty`` and ``stdin_stream``): ``exec`` with
+``interactive: true`` takes its stdin from ``input`` calls while it runs, and with ``tty: true``
+(``rows``, ``cols``, ``term``; ``login: true`` for the user's login shell, ``user``) runs on a new
+pseudo-terminal whose output is the ``stdout`` stream. Calls naming a running exec by its call
+id: ``input {exec, data, eof}`` (answered once written: the host's flow control), ``resize
+{exec, rows, cols}`` and ``signal {exec, signum}``. ``boot_timing`` returns raw boot timing
+data (kernel log, systemd and cloud-init timestamps) for the host's timeline.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import glob
 import hashlib
 import json
 import os
 import queue
 import re
+import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -29,13 +40,17 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+# What this agent can do beyond the calls of 0.1 (the host checks before relying on them).
+FEATURES = ("tty", "stdin_stream", "signal", "boot_timing")
 PORT_NAME = "org.vmforge.agent.0"
 VSOCK_PORT = 1024
 RS = b"\x1e"
 LF = b"\n"
 MAX_RECORD = 8 * 1024 * 1024
 CHUNK = 256 * 1024
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+HANGUP_GRACE = 5.0  # seconds between SIGHUP and SIGKILL for a terminal whose host went away
 
 
 class FramingError(ValueError):
@@ -161,6 +176,11 @@ def boot_id() -> str:
 
 
 def uptime() -> float:
+    """Seconds since the kernel started (``/proc/uptime``'s clock, at full precision)."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):
+        pass
     try:
         return float(read_text("/proc/uptime", "0 0").split()[0])
     except ValueError:
@@ -188,6 +208,393 @@ def http_status(url: str, timeout: float) -> int:
     return int(head[1]) if len(head) >= 2 else 0
 
 
+def process_started() -> float | None:
+    """When this process was started (exec'd), in seconds of uptime: before the interpreter's
+    own start-up, which the agent's ``started`` uptime (taken in ``main``) comes after."""
+    try:
+        fields = read_text("/proc/self/stat").rsplit(")", 1)[1].split()
+        return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (IndexError, ValueError, OSError):
+        return None
+
+
+def read_kmsg(limit: int = 4000) -> list[list[Any]] | None:
+    """The kernel log's records as ``[microseconds since boot, text]`` (None: unreadable)."""
+    try:
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+    records: list[list[Any]] = []
+    try:
+        while len(records) < limit:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.EPIPE:  # overwritten while we read: skip it
+                    continue
+                break
+            if not rec:
+                break
+            head, _, text = rec.decode("utf-8", "replace").partition(";")
+            fields = head.split(",")
+            if len(fields) >= 3 and fields[2].isdigit():
+                records.append([int(fields[2]), text.split("\n", 1)[0][:300]])
+    finally:
+        os.close(fd)
+    return records
+
+
+SYSTEMD_TIMESTAMPS = ("FirmwareTimestampMonotonic", "LoaderTimestampMonotonic",
+                      "KernelTimestampMonotonic", "InitRDTimestampMonotonic",
+                      "UserspaceTimestampMonotonic", "FinishTimestampMonotonic")
+
+
+def systemd_timestamps() -> dict[str, int] | None:
+    """systemd's boot timestamps (microseconds, monotonic clock; 0: not reached)."""
+    if not os.path.isdir("/run/systemd/system"):
+        return None
+    try:
+        res = subprocess.run(["systemctl", "show", "--property=" + ",".join(SYSTEMD_TIMESTAMPS)],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    out = {}
+    for line in res.stdout.decode(errors="replace").splitlines():
+        key, _, value = line.partition("=")
+        if value.strip().isdigit():
+            out[key] = int(value)
+    return out
+
+
+CLOUD_INIT_LOG = "/var/log/cloud-init.log"
+CLOUD_INIT_EVENT_MARKS = ("start:", "finish:", "Cloud-init v.")  # what `analyze dump` reads
+
+
+def read_json_file(path: str) -> Any:
+    text = read_text(path)
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return None
+
+
+def cloud_init_timing() -> dict[str, Any] | None:
+    """cloud-init's own timing data, raw: status.json and result.json of this boot (/run), and
+    the event lines of its log (the lines ``cloud-init analyze dump`` parses; running that
+    command would cost seconds of Python start-up under TCG)."""
+    if not (os.path.exists("/usr/bin/cloud-init") or os.path.exists("/usr/local/bin/cloud-init")):
+        return None
+    lines: list[str] = []
+    try:
+        with open(CLOUD_INIT_LOG, "rb") as f:
+            size = f.seek(0, 2)
+            f.seek(max(0, size - 32 * 1024 * 1024))
+            for raw in f:
+                line = raw.decode("utf-8", "replace").rstrip("\n")
+                if any(m in line for m in CLOUD_INIT_EVENT_MARKS):
+                    lines.append(line[:500])
+    except OSError:
+        pass
+    return {"status": read_json_file("/run/cloud-init/status.json"),
+            "result": read_json_file("/run/cloud-init/result.json"), "log": lines[-5000:]}
+
+
+def _netlink_addresses() -> dict[int, dict[str, list[str]]]:
+    """ifindex -> {"ipv4": [...], "ipv6": [...]} (``ADDRESS/PREFIX``) from one netlink
+    RTM_GETADDR dump: every address of every interface, with no tool (busybox ``ip`` has no
+    JSON) and no ioctl per address."""
+    out: dict[int, dict[str, list[str]]] = {}
+    nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)  # NETLINK_ROUTE
+    try:
+        nl.settimeout(2)
+        nl.bind((0, 0))
+        # nlmsghdr(len, RTM_GETADDR, NLM_F_REQUEST|NLM_F_DUMP, seq, pid) + an empty ifaddrmsg
+        nl.send(struct.pack("=IHHII", 24, 22, 0x301, 1, 0) + struct.pack("=BBBBI", 0, 0, 0, 0, 0))
+        done = False
+        while not done:
+            data = nl.recv(1 << 16)
+            off = 0
+            while off + 16 <= len(data):
+                length, mtype = struct.unpack_from("=IH", data, off)
+                if length < 16 or mtype in (2, 3):  # NLMSG_ERROR, NLMSG_DONE
+                    done = True
+                    break
+                if mtype == 20 and length >= 24:  # RTM_NEWADDR
+                    family, prefix, _flags, _scope, index = struct.unpack_from("=BBBBI", data,
+                                                                                off + 16)
+                    attrs: dict[int, bytes] = {}
+                    a, end = off + 24, off + length
+                    while a + 4 <= end:
+                        alen, atype = struct.unpack_from("=HH", data, a)
+                        if alen < 4:
+                            break
+                        attrs[atype] = data[a + 4:a + alen]
+                        a += (alen + 3) & ~3
+                    raw = attrs.get(2) or attrs.get(1)  # IFA_LOCAL, else IFA_ADDRESS
+                    if raw and family in (socket.AF_INET, socket.AF_INET6):
+                        key = "ipv4" if family == socket.AF_INET else "ipv6"
+                        entry = out.setdefault(index, {"ipv4": [], "ipv6": []})
+                        entry[key].append(f"{socket.inet_ntop(family, raw)}/{prefix}")
+                off += (length + 3) & ~3
+    finally:
+        nl.close()
+    return out
+
+
+def interfaces() -> list[dict[str, Any]]:
+    """The guest's network interfaces but loopback: name, MAC, operstate, addresses."""
+    try:
+        addrs = _netlink_addresses()
+    except OSError:
+        addrs = {}
+    out = []
+    for index, name in socket.if_nameindex():
+        if name == "lo":
+            continue
+        base = "/sys/class/net/" + name
+        a = addrs.get(index, {})
+        out.append({"name": name, "index": index,
+                    "mac": read_text(base + "/address").strip().lower(),
+                    "state": read_text(base + "/operstate").strip(),
+                    "ipv4": a.get("ipv4", []), "ipv6": a.get("ipv6", [])})
+    return out
+
+
+def hello_interfaces() -> list[dict[str, Any]]:
+    try:
+        return interfaces()
+    except Exception:  # never let a fact cost the hello
+        return []
+
+
+# ---------------------------------------------------------------------------- terminals
+
+def find_user(user: str | int | None) -> Any:
+    """The passwd entry of ``user`` (a name or uid), or of the agent's own user when None
+    (None if it has none)."""
+    import pwd
+    if user is None:
+        try:
+            return pwd.getpwuid(os.getuid())
+        except KeyError:
+            return None
+    try:
+        if isinstance(user, int) or str(user).isdigit():
+            return pwd.getpwuid(int(user))
+        return pwd.getpwnam(str(user))
+    except KeyError:
+        raise ValueError(f"no user {user!r} in the guest") from None
+
+
+def login_shell(pw: Any) -> str:
+    shell = getattr(pw, "pw_shell", "") or ""
+    if shell and os.access(shell, os.X_OK):
+        return shell
+    return "/bin/sh"
+
+
+def ensure_devpts() -> None:
+    """Pseudo-terminals need devpts on /dev/pts; a bare initramfs may not have mounted it."""
+    if " /dev/pts devpts " in read_text("/proc/mounts"):
+        return
+    os.makedirs("/dev/pts", exist_ok=True)
+    subprocess.call(["mount", "-t", "devpts", "devpts", "/dev/pts"], stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import termios
+    rows, cols = max(1, min(int(rows), 65535)), max(1, min(int(cols), 65535))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+class NoSession(LookupError):
+    """A call named an exec that is not running (any more)."""
+
+
+DEFERRED = object()  # a call's result that is sent later, by another thread
+
+
+class Session:
+    """An exec whose stdin the host streams (``input`` calls). It is registered on the
+    reader's thread when the ``exec`` call arrives, so that input sent right behind the call
+    waits for the process instead of missing it; ``start`` gives it the process and ``fd``: the
+    master of its pseudo-terminal (tty) or the write end of its stdin pipe. Both are
+    non-blocking, and writes wait in ``select``: a process that stops reading never wedges
+    the agent."""
+
+    def __init__(self, agent: Agent, tty: bool, rows: int = 24, cols: int = 80) -> None:
+        self.agent = agent
+        self.tty = tty
+        self.size = (rows, cols)
+        self.proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+        self.fd = -1
+        self.stdin_open = True
+        self.fd_open = False
+        self.hung_up = False
+        self.exited = threading.Event()
+        self.closing = threading.Event()
+        self.inputs: queue.Queue[Any] = queue.Queue()
+        self.writer = threading.Thread(target=self._write_loop, daemon=True)
+
+    def start(self, proc: subprocess.Popen, fd: int) -> None:  # type: ignore[type-arg]
+        self.proc, self.fd, self.fd_open = proc, fd, True
+        os.set_blocking(fd, False)
+        if self.tty:
+            set_winsize(fd, *self.size)  # a resize may have come before the process
+        self.writer.start()
+        if self.hung_up:
+            self.hangup()
+
+    def abandon(self, why: str) -> None:
+        """The process never started: answer the input that waited for it."""
+        while True:
+            try:
+                item = self.inputs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                self.agent.send({"id": item[0], "error": {"kind": "NoSession",
+                                                          "message": why}})
+
+    # -- input
+    def feed(self, mid: Any, data: bytes, eof: bool) -> None:
+        self.inputs.put((mid, data, eof))
+
+    def _write_loop(self) -> None:
+        while True:
+            item = self.inputs.get()
+            if item is None:
+                return
+            mid, data, eof = item
+            written = 0
+            if self.stdin_open:
+                try:
+                    if data:
+                        self._write(data)
+                        written = len(data)
+                    if eof:
+                        if self.tty:
+                            self._write(b"\x04")  # the terminal's end-of-file character
+                        else:
+                            self.stdin_open = self.fd_open = False
+                            os.close(self.fd)
+                except OSError:
+                    self.stdin_open = False  # the process closed its stdin or exited
+            self.agent.send({"id": mid, "result": {"written": written,
+                                                   "open": self.stdin_open}})
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            if self.closing.is_set():
+                raise OSError(errno.EPIPE, "the session is closing")
+            _, ready, _ = select.select([], [self.fd], [], 0.2)
+            if not ready:
+                if self.exited.is_set():
+                    raise OSError(errno.EPIPE, "the process has exited")
+                continue
+            try:
+                view = view[os.write(self.fd, view):]
+            except BlockingIOError:
+                continue
+
+    # -- output (terminal)
+    def pump_terminal(self, emit: Callable[[str, bytes], None]) -> None:
+        """Terminal output until every process holding it has closed it (EIO), or, once the
+        command has exited, until it stays quiet for 50 ms (a background job may keep the
+        terminal open) or 2 s have passed."""
+        deadline = None
+        while True:
+            done = self.exited.is_set()
+            if done and deadline is None:
+                deadline = time.monotonic() + 2.0
+            ready, _, _ = select.select([self.fd], [], [], 0.05 if done else 0.5)
+            if not ready:
+                if done:
+                    return
+                continue
+            try:
+                data = os.read(self.fd, CHUNK)
+            except BlockingIOError:
+                continue
+            except OSError:
+                return  # EIO: the terminal's last user is gone
+            if not data:
+                return
+            emit("stdout", data)
+            if deadline is not None and time.monotonic() > deadline:
+                return
+
+    # -- control
+    def resize(self, rows: int, cols: int) -> None:
+        if not self.tty:
+            raise ValueError("this exec has no terminal to resize")
+        self.size = (rows, cols)
+        if self.fd_open:
+            set_winsize(self.fd, rows, cols)
+
+    def signal(self, signum: int) -> None:
+        """To the terminal's foreground process group (the job the user sees), else to the
+        command's own group."""
+        if self.proc is None:
+            raise NoSession("the command has not started yet")
+        pgrp = self.proc.pid
+        if self.tty:
+            try:
+                pgrp = os.tcgetpgrp(self.fd)
+            except OSError:
+                pass
+        os.killpg(pgrp, signum)
+
+    def hangup(self) -> None:
+        """The host went away: a terminal hangs up (SIGHUP, then SIGKILL if it lingers), a
+        pipe reaches end of file."""
+        self.hung_up = True
+        if self.proc is None:
+            return  # start() hangs up
+        if not self.tty:
+            self._close_input()
+            return
+        for sig in (signal.SIGHUP, signal.SIGCONT):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except OSError:
+                pass
+
+        pid = self.proc.pid
+
+        def reap() -> None:
+            if not self.exited.wait(HANGUP_GRACE):
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        threading.Thread(target=reap, daemon=True).start()
+
+    def _close_input(self) -> None:
+        """Stop the writer (what is queued is answered, not written) and close the fd."""
+        self.closing.set()
+        self.inputs.put(None)
+        if self.writer.ident is not None:
+            self.writer.join(5)
+        if not self.writer.is_alive() and self.fd_open:
+            self.stdin_open = self.fd_open = False
+            try:
+                os.close(self.fd)
+            except OSError:
+                pass
+
+    def finish(self) -> None:
+        """After the command and its output pump ended."""
+        self.exited.set()
+        self._close_input()
+
+
 # ---------------------------------------------------------------------------- the agent
 
 class Agent:
@@ -196,7 +603,7 @@ class Agent:
         self.lock = threading.Lock()
         self.started_uptime = started
         self.uploads: dict[str, dict[str, Any]] = {}
-        self.procs: dict[int, subprocess.Popen] = {}  # type: ignore[type-arg]
+        self.sessions: dict[Any, Session] = {}  # interactive execs by their call id
 
     # -- output
     def send(self, message: dict[str, Any]) -> None:
@@ -211,12 +618,15 @@ class Agent:
         return {"vm_id": vm_id(), "agent_version": VERSION, "kernel": os.uname().release,
                 "boot_id": boot_id(), "uptime_at_start": self.started_uptime,
                 "uptime": uptime(),
-                "python": sys.version.split()[0], "cloud_init": cloud_init_state()}
+                "python": sys.version.split()[0], "cloud_init": cloud_init_state(),
+                "features": list(FEATURES), "interfaces": hello_interfaces()}
 
     def hello(self) -> None:
         self.send({"event": "hello", "data": self.hello_data()})
 
     def disconnected(self) -> None:
+        for session in list(self.sessions.values()):
+            session.hangup()
         for up in list(self.uploads.values()):
             up["queue"].put(None)
             up["worker"].join()
@@ -237,7 +647,16 @@ class Agent:
             self.send({"id": mid, "error": {"kind": "unknown_call",
                                             "message": f"unknown call {call!r}"}})
             return
-        inline = call in ("ping", "hello", "put_chunk", "put_begin")  # ordered and cheap
+        # Ordered and cheap: run on the reader's thread, in the order they arrived.
+        inline = call in ("ping", "hello", "put_chunk", "put_begin", "input", "resize", "signal")
+        if call == "exec" and isinstance(args, dict) and (args.get("tty") or
+                                                          args.get("interactive")):
+            try:
+                self.sessions[mid] = Session(self, bool(args.get("tty")),
+                                             int(args.get("rows") or 24),
+                                             int(args.get("cols") or 80))
+            except (TypeError, ValueError):
+                pass  # bad sizes: call_exec reports them
         if inline:
             self._run(fn, mid, args)
         else:
@@ -246,12 +665,16 @@ class Agent:
     def _run(self, fn: Callable[..., Any], mid: Any, args: dict[str, Any]) -> None:
         try:
             result = fn(mid, **args)
-        except TypeError as exc:
-            self.send({"id": mid, "error": {"kind": "bad_args", "message": str(exc)}})
         except Exception as exc:  # reported to the host, never fatal to the agent
-            self.send({"id": mid, "error": {"kind": type(exc).__name__, "message": str(exc)}})
+            kind = "bad_args" if isinstance(exc, TypeError) else type(exc).__name__
+            session = self.sessions.get(mid)
+            if session is not None and session.proc is None:  # an exec that never started
+                self.sessions.pop(mid, None)
+                session.abandon(f"the command did not start: {exc}")
+            self.send({"id": mid, "error": {"kind": kind, "message": str(exc)}})
         else:
-            self.send({"id": mid, "result": result})
+            if result is not DEFERRED:
+                self.send({"id": mid, "result": result})
 
     # -- calls
     def call_hello(self, mid: Any) -> dict[str, Any]:
@@ -295,63 +718,164 @@ class Agent:
     def call_cloud_init_status(self, mid: Any) -> dict[str, Any]:
         return cloud_init_state()
 
-    def call_exec(self, mid: Any, argv: list[str], shell: bool = False,
-                  env: dict[str, str] | None = None, cwd: str | None = None,
-                  stdin: str | None = None, timeout: float | None = None,
-                  stream: bool = True) -> dict[str, Any]:
-        if not argv:
-            raise ValueError("argv is empty")
-        full_env = dict(os.environ)
-        full_env.setdefault("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    def call_interfaces(self, mid: Any) -> list[dict[str, Any]]:
+        return interfaces()
+
+    def _command(self, argv: list[str], shell: bool, env: dict[str, str] | None,
+                 cwd: str | None, tty: bool, term: str | None, login: bool,
+                 user: str | int | None) -> tuple[Any, dict[str, str], str | None,
+                                                  dict[str, Any]]:
+        """What to run, its environment, directory and Popen's user switch."""
+        pw = find_user(user) if (login or user is not None) else None
+        if login:
+            if argv:
+                raise ValueError("login runs the user's login shell: give no argv")
+            cmd: Any = [login_shell(pw), "-l"]
+            shell = False
+            full_env = {k: v for k, v in os.environ.items() if k in ("LANG", "LC_ALL", "TZ")}
+            full_env["PATH"] = DEFAULT_PATH
+        else:
+            if not argv:
+                raise ValueError("argv is empty")
+            cmd = " ".join(argv) if shell and len(argv) > 1 else (argv[0] if shell else argv)
+            full_env = dict(os.environ)
+            full_env.setdefault("PATH", DEFAULT_PATH)
+        if pw is not None:
+            home = pw.pw_dir or "/"
+            full_env.update(HOME=home, USER=pw.pw_name, LOGNAME=pw.pw_name,
+                            SHELL=login_shell(pw))
+            if login and cwd is None:
+                cwd = home if os.path.isdir(home) else "/"
+        if tty:
+            full_env["TERM"] = term or full_env.get("TERM") or "xterm"
         if env:
             full_env.update(env)
-        cmd: Any = " ".join(argv) if shell and len(argv) > 1 else (argv[0] if shell else argv)
+        switch: dict[str, Any] = {}
+        if pw is not None and user is not None and pw.pw_uid != os.getuid():
+            switch = {"user": pw.pw_uid, "group": pw.pw_gid,
+                      "extra_groups": os.getgrouplist(pw.pw_name, pw.pw_gid)}
+        return cmd, full_env, cwd, switch
+
+    @staticmethod
+    def _spawn_tty(cmd: Any, shell: bool, env: dict[str, str], cwd: str | None, rows: int,
+                   cols: int, switch: dict[str, Any]
+                   ) -> tuple[subprocess.Popen, int]:  # type: ignore[type-arg]
+        """The command on a new pseudo-terminal, as the leader of a new session whose
+        controlling terminal it is (job control, Ctrl-C, SIGWINCH work as at a console)."""
+        import fcntl
+        import termios  # imported here, not in the child: importing after fork can deadlock
+
+        ensure_devpts()
+        master, slave = os.openpty()
+        try:
+            set_winsize(master, rows, cols)
+            if "user" in switch:
+                os.fchown(slave, switch["user"], -1)
+
+            def take_terminal() -> None:  # in the child, after setsid()
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+            proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=env, stdin=slave,
+                                    stdout=slave, stderr=slave, start_new_session=True,
+                                    preexec_fn=take_terminal, **switch)
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        return proc, master
+
+    def call_exec(self, mid: Any, argv: list[str] | None = None, shell: bool = False,
+                  env: dict[str, str] | None = None, cwd: str | None = None,
+                  stdin: str | None = None, timeout: float | None = None,
+                  stream: bool = True, tty: bool = False, rows: int = 24, cols: int = 80,
+                  term: str | None = None, interactive: bool = False, login: bool = False,
+                  user: str | int | None = None) -> dict[str, Any]:
+        cmd, full_env, cwd, switch = self._command(list(argv or []), shell, env, cwd, tty, term,
+                                                   login, user)
+        if login:
+            shell = False
         started = time.monotonic()
-        proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=full_env,
-                                stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True)
         collected: dict[str, list[bytes]] = {"stdout": [], "stderr": []}
+
+        def emit(name: str, chunk: bytes) -> None:
+            if stream:
+                self.send({"id": mid, "stream": name, "data": base64.b64encode(chunk).decode()})
+            else:
+                collected[name].append(chunk)
 
         def pump(name: str, pipe: Any) -> None:
             while True:
                 chunk = pipe.read1(CHUNK) if hasattr(pipe, "read1") else pipe.read(CHUNK)
                 if not chunk:
                     break
-                if stream:
-                    self.send({"id": mid, "stream": name,
-                               "data": base64.b64encode(chunk).decode()})
-                else:
-                    collected[name].append(chunk)
+                emit(name, chunk)
 
-        pumps = [threading.Thread(target=pump, args=(n, p), daemon=True)
-                 for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
-        for t in pumps:
-            t.start()
-        if stdin is not None:
-            try:
-                assert proc.stdin is not None
-                proc.stdin.write(base64.b64decode(stdin))
-                proc.stdin.close()
-            except OSError:
-                pass
-        timed_out = False
+        session: Session | None = None
+        if tty or interactive:
+            session = self.sessions.get(mid)
+            if session is None:  # called directly rather than through handle()
+                session = self.sessions[mid] = Session(self, tty, rows, cols)
         try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for sig in (signal.SIGTERM, signal.SIGKILL):
+            if tty:
+                proc, master = self._spawn_tty(cmd, shell, full_env, cwd, rows, cols, switch)
+            else:
+                piped = interactive or stdin is not None
+                proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=full_env,
+                                        stdin=subprocess.PIPE if piped else subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        start_new_session=True, **switch)
+        except BaseException:
+            if session is not None:
+                self.sessions.pop(mid, None)
+            raise
+        if tty:
+            assert session is not None
+            session.start(proc, master)
+            pumps = [threading.Thread(target=session.pump_terminal, args=(emit,), daemon=True)]
+        else:
+            if session is not None:
+                assert proc.stdin is not None
+                # The session owns its own descriptor: the file object's would be closed
+                # again whenever it is collected, perhaps after the number was reused.
+                fd = os.dup(proc.stdin.fileno())
+                proc.stdin.close()
+                session.start(proc, fd)
+            pumps = [threading.Thread(target=pump, args=(n, p), daemon=True)
+                     for n, p in (("stdout", proc.stdout), ("stderr", proc.stderr))]
+        try:
+            for t in pumps:
+                t.start()
+            if stdin is not None and session is None:
                 try:
-                    os.killpg(proc.pid, sig)
+                    assert proc.stdin is not None
+                    proc.stdin.write(base64.b64decode(stdin))
+                    proc.stdin.close()
                 except OSError:
                     pass
-                try:
-                    proc.wait(timeout=2)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
-        for t in pumps:
-            t.join(timeout=5)
+            timed_out = False
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                timed_out = True
+                for sig in (signal.SIGTERM, signal.SIGKILL):
+                    try:
+                        os.killpg(proc.pid, sig)
+                    except OSError:
+                        pass
+                    try:
+                        proc.wait(timeout=2)
+                        break
+                    except subprocess.TimeoutExpired:
+                        continue
+            if session is not None:
+                session.exited.set()
+            for t in pumps:
+                t.join(timeout=5)
+        finally:
+            if session is not None:
+                self.sessions.pop(mid, None)
+                session.finish()
         rc = proc.returncode
         result: dict[str, Any] = {
             "exit_code": rc if rc is not None and rc >= 0 else None,
@@ -361,6 +885,40 @@ class Agent:
             result["stdout"] = base64.b64encode(b"".join(collected["stdout"])).decode()
             result["stderr"] = base64.b64encode(b"".join(collected["stderr"])).decode()
         return result
+
+    def _session(self, exec_id: Any) -> Session:
+        session = self.sessions.get(exec_id)
+        if session is None:
+            raise NoSession(f"no running interactive exec with call id {exec_id!r}")
+        return session
+
+    def call_input(self, mid: Any, exec: Any, data: str = "", eof: bool = False) -> object:
+        """Bytes for a running exec's stdin; answered by the writer once written."""
+        self._session(exec).feed(mid, base64.b64decode(data) if data else b"", bool(eof))
+        return DEFERRED
+
+    def call_resize(self, mid: Any, exec: Any, rows: int, cols: int) -> dict[str, Any]:
+        self._session(exec).resize(rows, cols)
+        return {"rows": rows, "cols": cols}
+
+    def call_signal(self, mid: Any, exec: Any, signum: int | str) -> dict[str, Any]:
+        if isinstance(signum, str):
+            name = signum.upper()
+            signum = int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
+        self._session(exec).signal(int(signum))
+        return {"signal": int(signum)}
+
+    def call_boot_timing(self, mid: Any) -> dict[str, Any]:
+        """Raw boot timing data, parsed on the host (vmforge.node.timeline): the kernel log,
+        systemd's boot timestamps, cloud-init's status and log events, and this agent's start;
+        ``uptime`` and ``time`` are read together last (the guest's clocks side by side)."""
+        data: dict[str, Any] = {
+            "boot_id": boot_id(), "agent_started": self.started_uptime,
+            "agent_exec": process_started(), "kmsg": read_kmsg(),
+            "systemd": systemd_timestamps(), "cloud_init": cloud_init_timing()}
+        data["uptime"] = uptime()
+        data["time"] = time.time()
+        return data
 
     @staticmethod
     def _abs(path: str) -> str:
@@ -571,7 +1129,14 @@ def serve_vsock(port: int, started: float) -> None:
 
 def main() -> int:
     started = uptime()
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # A write to a pipe or socket whose reader is gone must be an error, not the agent's
+    # death (commands get the default disposition back: Popen restores signals).
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    # Started as a background job of a shell (the minimal image's rc.boot), the agent inherits
+    # SIGINT and SIGQUIT ignored, and so would every command it runs: Ctrl-C on a terminal
+    # would not interrupt them. Handled signals are reset by exec(); ignored ones are not.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
     deadline = time.monotonic() + 60
     while True:
         port = find_port()

@@ -124,6 +124,9 @@ def run_cmd(
             pid = f" · pid {r.pid}" if r.pid else ""
             out.print(f"[bold green]{r.name}[/] is ready in [bold]{r.boot_seconds or 0:.2f}s[/]"
                       f"{extra} · {r.backend.value} · accel {r.accel}{pid}", highlight=False)
+            from .timeline import summary_line
+            if r.req.spec.agent.enabled and (line := summary_line(m, r)):
+                out.print(f"[dim]{line}[/]", highlight=False)
 
 
 @app.command()
@@ -232,14 +235,16 @@ SecretsOpt = Annotated[bool, typer.Option(
 def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
     """List VMs."""
     with errors_reported():
-        recs = manager().vms()
+        m = manager()
+        recs = m.vms()
         if json_out:
-            print_json([r.as_dict(show_secrets=show_secrets) for r in recs])
+            print_json([m.describe(r, show_secrets=show_secrets) if r.host_nics()
+                        else r.as_dict(show_secrets=show_secrets) for r in recs])
             return
         from rich.table import Table
         t = Table(box=None, header_style="bold")
-        for col in ("NAME", "STATE", "BACKEND", "CPUS", "MEMORY", "ACCEL", "PID", "BOOT",
-                    "AGE"):
+        for col in ("NAME", "STATE", "BACKEND", "CPUS", "MEMORY", "ACCEL", "PID", "IPV4",
+                    "BOOT", "AGE"):
             t.add_column(col)
         now = time.time()
         colour = {"running": "green", "crashed": "red", "broken": "red", "stopped": "dim"}
@@ -248,7 +253,7 @@ def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
             t.add_row(r.name, f"[{colour.get(r.state.value, 'yellow')}]{r.state.value}[/]",
                       r.backend.value, str(s.cpu_cores) if s else "-",
                       f"{s.memory_mib} MiB" if s else "-", r.accel or "-",
-                      str(r.pid or "-"),
+                      str(r.pid or "-"), ", ".join(r.ipv4) or "-",
                       f"{r.boot_seconds:.2f}s" if r.boot_seconds else "-",
                       f"{(now - r.created_at) / 60:.0f}m")
         out.print(t)
@@ -258,14 +263,22 @@ def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
 def inspect(name: str, json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
     """Show everything about a VM (user-data and vendor-data redacted unless asked)."""
     with errors_reported():
-        rec = manager().get(name)
-        data = rec.as_dict(show_secrets=show_secrets)
+        m = manager()
+        rec = m.get(name)
+        if rec.host_nics():  # the guest's addresses now, when its agent answers at once
+            rec = _arun(m.refresh_guest_net(name, timeout=3.0))
+        data = m.describe(rec, show_secrets=show_secrets)
         if json_out:
             print_json(data)
             return
         for key in ("name", "state", "backend", "pid", "accel", "boot_seconds", "dir",
-                    "console_log", "agent", "stop_reason", "last_error"):
+                    "console_log", "agent", "stop_reason", "last_error", "ipv4"):
             out.print(f"[bold]{key:>13}[/]: {data[key]}", highlight=False)
+        for nic in data.get("nics", []):
+            where = nic["network"] or nic["bridge"] or "user-mode NAT"
+            lease = nic["lease"]["ip"] if nic["lease"] else "-"
+            out.print(f"[bold]{'nic ' + str(nic['id']):>13}[/]: {where} · {nic['mac'] or '-'} · "
+                      f"ipv4 {', '.join(nic['ipv4']) or '-'} · lease {lease}", highlight=False)
         if "spec" in data:
             import json
             out.print("[bold]         spec[/]:")
@@ -319,7 +332,10 @@ def exec_cmd(
     name: str,
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     interactive: Annotated[bool, typer.Option("-i", "--interactive",
-                           help="Send this command's stdin to the guest command.")] = False,
+                           help="Stream this command's stdin to the guest command.")] = False,
+    tty: Annotated[bool, typer.Option("-t", "--tty", help="Give the command a terminal (top, "
+                   "vi): raw mode, window size, Ctrl-C to the guest; stdin is forwarded.")]
+    = False,
     env: Annotated[list[str] | None, typer.Option("--env", "-e", help="KEY=VALUE")] = None,
     cwd: Annotated[str | None, typer.Option("--cwd", "-w", help="Working directory.")] = None,
     timeout: Annotated[float | None, typer.Option(help="Kill after this many seconds.")]
@@ -340,7 +356,10 @@ def exec_cmd(
                 from ..errors import SpecError
                 raise SpecError(f"--env {item!r} is not KEY=VALUE", field="--env")
             environ[k] = v
-        data = sys.stdin.buffer.read() if interactive else None
+        if tty:
+            from .shell import run_terminal
+            raise typer.Exit(run_terminal(m, name, command, shell=shell, env=environ or None,
+                                          cwd=cwd, timeout=timeout))
 
         def show(stream: str, chunk: bytes) -> None:
             target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
@@ -350,6 +369,12 @@ def exec_cmd(
         async def go() -> Any:
             async with m.agent(name, on_queued=lambda msg: err.print(msg, highlight=False)) \
                     as c:
+                if interactive and "stdin_stream" in await c.features():  # as it is read
+                    from ..agent.terminal import attach
+                    return await attach(await c.start_exec(
+                        command, shell=shell, env=environ or None, cwd=cwd, timeout=timeout,
+                        on_output=show), sys.stdin.fileno())
+                data = sys.stdin.buffer.read() if interactive else None
                 return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
                                     stdin=data, timeout=timeout, on_output=show)
         try:
@@ -536,6 +561,11 @@ def doctor(json_out: JsonOpt = False) -> None:
 def _register_images() -> None:
     from .images import image_app
     app.add_typer(image_app, name="image")
+    from .serve import register_serve; register_serve(app)  # noqa: E702, I001
+    from .shell import register_shell; register_shell(app)  # noqa: E702, I001
+    from .timeline import register_timeline; register_timeline(app)  # noqa: E702, I001
+    from .launch import register_launch; register_launch(app)  # noqa: E702, I001
+    from .network import network_app; app.add_typer(network_app, name="network")  # noqa: E702, I001
 
 
 _register_images()
