@@ -7,7 +7,12 @@ SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
 APT_PKGS=(qemu-system-x86 qemu-utils ovmf busybox-static genisoimage cloud-image-utils
           dosfstools mtools debootstrap e2fsprogs openssh-client openssh-server xz-utils
-          python3-venv ca-certificates)
+          python3-venv ca-certificates dnsmasq-base nftables iproute2)
+# The libvirt backend: the daemons (started by hand where PID 1 is not systemd: virtlogd -d &&
+# libvirtd -d), virsh/virt-xml-validate, setfacl (QEMU's access to owner-only files), and what
+# libvirt-python builds against (it has no wheel on PyPI).
+APT_PKGS+=(libvirt-daemon-system libvirt-clients libvirt-dev libxml2-utils acl pkg-config gcc
+           python3-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -22,5 +27,13 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -e '.[test,libvirt]'
+# Without udev (containers, minimal VMs) /dev/kvm stays root-only 0600: libvirt then finds KVM
+# when it probes QEMU but not for its QEMU account, and re-probes on every call (a define takes
+# about a minute). Give the device the group and group access udev gives it.
+if [ -c /dev/kvm ] && getent group kvm >/dev/null &&
+   { [ "$(stat -c %G /dev/kvm)" != kvm ] || [ $((0$(stat -c %a /dev/kvm) & 060)) != 48 ]; }
+then
+  $SUDO chgrp kvm /dev/kvm && $SUDO chmod g+rw /dev/kvm
+fi
 echo "vmforge installed: $(.venv/bin/vmforge --help >/dev/null && echo ok) (.venv/bin/vmforge)"

@@ -10,8 +10,11 @@ POSIX ACL entries (``setfacl``), as virt-manager does for the directories of a d
 - read-write on each disk's top image and the UEFI variable store.
 
 Nothing is chowned (the domain's ``<seclabel model='dac' relabel='no'>`` keeps libvirt from
-relabelling), so shared library blobs keep their owner and read-only mode, and the entries
-vanish with the VM directory. This module decides what to grant (reading modes and ACLs, no
+relabelling), so shared library blobs keep their owner and read-only mode. Entries on the VM's
+own files vanish with its directory; search and read entries on shared directories and library
+blobs stay (they give that account nothing it could write). An ACL entry shows in ``ls -l`` as a
+``+`` and as group bits (the ACL mask: a 0700 directory lists as 0710): still nobody but the
+owner and that account. This module decides what to grant (reading modes and ACLs, no
 processes); :func:`apply_grants` runs ``setfacl`` through :mod:`vmforge.run`.
 """
 
@@ -64,9 +67,12 @@ def parse_label(label: str) -> tuple[int, int] | None:
 
 
 def principal(uid: int, gid: int) -> Principal:
+    """As libvirt runs QEMU (``virGetGroupList``): ``gid`` plus the account's own groups, its
+    passwd primary group included (Debian's libvirt-qemu is in ``kvm`` only that way)."""
     groups = {gid}
     try:
-        groups.update(os.getgrouplist(pwd.getpwuid(uid).pw_name, gid))
+        pw = pwd.getpwuid(uid)
+        groups.update(os.getgrouplist(pw.pw_name, pw.pw_gid))
     except KeyError:
         pass
     return Principal(uid, gid, frozenset(groups))

@@ -268,6 +268,9 @@ def domain_xml(plan: MachinePlan, host: HostFacts, *, dac_label: str | None = No
     rng = _sub(devices, "rng", model="virtio")
     _sub(rng, "backend", model="builtin")
     _sub(devices, "memballoon", model="none")
+    # pvpanic, as under QEMU: a guest kernel panic reaches libvirt, which (on_crash: destroy)
+    # shuts the domain off with reason "crashed"
+    _sub(devices, "panic", model="isa")
     if dac_label:
         sec = _sub(root, "seclabel", type="static", model="dac", relabel="no")
         _sub(sec, "label", dac_label)
@@ -280,11 +283,13 @@ def domain_xml(plan: MachinePlan, host: HostFacts, *, dac_label: str | None = No
 
 
 def parse_owner(metadata_xml: str) -> str | None:
-    """The VM directory recorded in a domain's ``vmforge:vm`` metadata element, or None."""
+    """The VM directory in a domain's ``vmforge:vm`` metadata element, or None. libvirt's
+    metadata call (already scoped to :data:`NS_VMFORGE`) returns the element without its
+    namespace; the whole domain XML has it."""
     try:
         el = ET.fromstring(metadata_xml)
     except ET.ParseError:
         return None
-    if el.tag != f"{{{NS_VMFORGE}}}vm":
+    if el.tag not in ("vm", f"{{{NS_VMFORGE}}}vm"):
         return None
     return el.get("vm-dir")
