@@ -17,7 +17,6 @@ import stat
 import subprocess
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -56,80 +55,6 @@ pytestmark = [pytest.mark.vm, pytest.mark.subprocess]
 
 HOST = fake_host()
 RUN = Path("/run")
-
-
-def _answers(uri: str) -> bool:
-    import libvirt
-    libvirt.registerErrorHandler(lambda _c, _e: None, None)
-    try:
-        libvirt.open(uri).close()
-    except libvirt.libvirtError:
-        return False
-    return True
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _start_daemon(name: str, pidfile: Path) -> int:
-    pidfile.unlink(missing_ok=True)
-    subprocess.run([name, "-d", "-p", str(pidfile)], check=True, timeout=60)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            return int(pidfile.read_text().strip())
-        except (OSError, ValueError):
-            time.sleep(0.05)
-    raise AssertionError(f"{name} -d wrote no pid file {pidfile}")
-
-
-def _stop_daemon(name: str, pid: int) -> None:
-    """SIGTERM, then SIGKILL, this pid only, and only while it is still that daemon."""
-    for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-        if _comm(pid) != name[:15]:
-            return
-        os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline and _comm(pid) == name[:15]:
-            time.sleep(0.05)
-
-
-@pytest.fixture(scope="session")
-def libvirt_uri() -> Iterator[str]:
-    pytest.importorskip("libvirt", reason="libvirt-python is not installed "
-                                          "(bash scripts/install-deps.sh)")
-    uri = os.environ.get("VMFORGE_LIBVIRT_URI", "qemu:///system")
-    if _answers(uri):
-        yield uri
-        return
-    if not is_system(uri) or os.geteuid() != 0:
-        pytest.skip(f"libvirt does not answer at {uri}, and only root can start the system "
-                    "daemon here")
-    for tool in ("virtlogd", "libvirtd"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"{tool} is not installed (apt-get install libvirt-daemon-system)")
-    started: list[tuple[str, int, Path]] = []
-    try:
-        for name in ("virtlogd", "libvirtd"):
-            if name == "virtlogd" and Path("/run/libvirt/virtlogd-sock").is_socket() and \
-                    subprocess.run(["virt-admin", "-c", "virtlogd:///system", "version"],
-                                   capture_output=True).returncode == 0:
-                continue  # one runs already (not ours to stop)
-            pidfile = RUN / f"vmforge-test-{name}.pid"
-            started.append((name, _start_daemon(name, pidfile), pidfile))
-        deadline = time.monotonic() + 30
-        while not _answers(uri):
-            assert time.monotonic() < deadline, "libvirtd started but does not answer"
-            time.sleep(0.1)
-        yield uri
-    finally:
-        for name, pid, pidfile in reversed(started):
-            _stop_daemon(name, pid)
-            pidfile.unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="session")
