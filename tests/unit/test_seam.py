@@ -131,3 +131,16 @@ def test_the_manager_never_imports_a_backend_module() -> None:
     backends = [m for m in imported if any(b in m for b in ("qemu", "libvirt", "firecracker",
                                                               "cloud_hypervisor"))]
     assert backends == []
+
+
+def test_plan_for_libvirt_gives_domain_xml_without_a_daemon(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch
+                                                            ) -> None:
+    monkeypatch.setenv("VMFORGE_LIBVIRT_URI", "qemu:///nonexistent-socket")
+    m, _ = _manager(tmp_path)
+    req = parse_request({"name": "p2", "spec": {"hypervisor": "libvirt",
+                                                "kernel": {"image": "minimal"}}})
+    p = m.plan(req)
+    assert p["backend"] == "libvirt" and "argv" not in p
+    assert p["domain_xml"].startswith("<domain") and "<name>p2</name>" in p["domain_xml"]
+    assert "org.vmforge.agent.0" in p["domain_xml"]
