@@ -1,3 +1,3 @@
-from vmforge.cli.main import main
+from vmforge.cli.entry import main
 
 main()

@@ -234,29 +234,9 @@ SecretsOpt = Annotated[bool, typer.Option(
 @app.command("ls")
 def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
     """List VMs."""
+    from .fast import ls_command
     with errors_reported():
-        m = manager()
-        recs = m.vms()
-        if json_out:
-            print_json([m.describe(r, show_secrets=show_secrets) if r.host_nics()
-                        else r.as_dict(show_secrets=show_secrets) for r in recs])
-            return
-        from rich.table import Table
-        t = Table(box=None, header_style="bold")
-        for col in ("NAME", "STATE", "BACKEND", "CPUS", "MEMORY", "ACCEL", "PID", "IPV4",
-                    "BOOT", "AGE"):
-            t.add_column(col)
-        now = time.time()
-        colour = {"running": "green", "crashed": "red", "broken": "red", "stopped": "dim"}
-        for r in recs:
-            s = r.request.spec if r.request else None
-            t.add_row(r.name, f"[{colour.get(r.state.value, 'yellow')}]{r.state.value}[/]",
-                      r.backend.value, str(s.cpu_cores) if s else "-",
-                      f"{s.memory_mib} MiB" if s else "-", r.accel or "-",
-                      str(r.pid or "-"), ", ".join(r.ipv4) or "-",
-                      f"{r.boot_seconds:.2f}s" if r.boot_seconds else "-",
-                      f"{(now - r.created_at) / 60:.0f}m")
-        out.print(t)
+        raise typer.Exit(ls_command(manager(), json_out=json_out, show_secrets=show_secrets))
 
 
 @app.command()
@@ -343,53 +323,11 @@ def exec_cmd(
     shell: Annotated[bool, typer.Option("--shell", help="Run through /bin/sh -c.")] = False,
 ) -> None:
     """Run a command in the guest; output streams live; exits with the guest's exit code."""
-    import sys
-
+    from .fast import exec_command
     with errors_reported():
-        if command and command[0] == "--":
-            command = command[1:]
-        m = manager()
-        environ = {}
-        for item in env or []:
-            k, sep, v = item.partition("=")
-            if not sep:
-                from ..errors import SpecError
-                raise SpecError(f"--env {item!r} is not KEY=VALUE", field="--env")
-            environ[k] = v
-        if tty:
-            from .shell import run_terminal
-            raise typer.Exit(run_terminal(m, name, command, shell=shell, env=environ or None,
-                                          cwd=cwd, timeout=timeout))
-
-        def show(stream: str, chunk: bytes) -> None:
-            target = sys.stdout.buffer if stream == "stdout" else sys.stderr.buffer
-            target.write(chunk)
-            target.flush()
-
-        async def go() -> Any:
-            async with m.agent(name, on_queued=lambda msg: err.print(msg, highlight=False)) \
-                    as c:
-                if interactive and "stdin_stream" in await c.features():  # as it is read
-                    from ..agent.terminal import attach
-                    return await attach(await c.start_exec(
-                        command, shell=shell, env=environ or None, cwd=cwd, timeout=timeout,
-                        on_output=show), sys.stdin.fileno())
-                data = sys.stdin.buffer.read() if interactive else None
-                return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
-                                    stdin=data, timeout=timeout, on_output=show)
-        try:
-            res = _arun(go())
-        except BrokenPipeError:  # `vmforge exec vm -- yes | head`: the reader went away
-            import os
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            raise typer.Exit(141) from None
-        if res.timed_out:
-            err.print(f"timed out after {timeout}s (killed with signal {res.signal})")
-            raise typer.Exit(124)
-        if res.signal:
-            raise typer.Exit(128 + res.signal)
-        raise typer.Exit(res.exit_code or 0)
-
+        raise typer.Exit(exec_command(manager(), name, command, interactive=interactive,
+                                      tty=tty, env=env or [], cwd=cwd, timeout=timeout,
+                                      shell=shell))
 
 @app.command()
 def cp(
@@ -480,34 +418,11 @@ def seed_build(
     no_schema_check: NoSchemaOpt = False,
 ) -> None:
     """Build a NoCloud seed (like cloud-localds), validated first."""
-    from ..errors import SpecError
-    from ..seed import Seed, write_seed
-    from ..seed.build import _meta_data
-    from ..seed.validate import validate_network_config, validate_user_data
-
-    def read(p: Path | None, field: str) -> bytes | None:
-        if p is None:
-            return None
-        try:
-            return p.read_bytes()
-        except OSError as exc:
-            raise SpecError(f"cannot read {p}: {exc.strerror}", field=field) from None
-
+    from .fast import seed_build_command
     with errors_reported():
-        ud = read(user_data, "--user-data")
-        assert ud is not None
-        schema = not no_schema_check
-        validate_user_data(ud, "--user-data", schema=schema)
-        md = read(meta_data, "--meta-data")
-        nc = read(network_config, "--network-config")
-        if nc is not None:
-            validate_network_config(nc.decode(), "--network-config", schema=schema)
-        vd = read(vendor_data, "--vendor-data")
-        if vd is not None:
-            validate_user_data(vd, "--vendor-data", schema=schema)
-        seed = Seed(_meta_data(md.decode() if md else None, hostname, "--meta-data"), ud, nc, vd)
-        write_seed(seed, output, fmt)
-        out.print(f"wrote {output} ({fmt}, label cidata)")
+        raise typer.Exit(seed_build_command(
+            output, user_data, meta_data=meta_data, network_config=network_config,
+            vendor_data=vendor_data, fmt=fmt, hostname=hostname, schema=not no_schema_check))
 
 
 @seed_app.command("validate")
@@ -571,22 +486,8 @@ def _register_images() -> None:
 _register_images()
 
 
-def _interrupt_on(signum: int, frame: Any) -> None:
-    """SIGTERM and SIGHUP (what `timeout` and service managers send) clean up exactly like
-    Ctrl-C: hand them to whatever handles SIGINT now (asyncio's runner cancels its task, plain
-    Python raises KeyboardInterrupt)."""
-    import signal
-    handler = signal.getsignal(signal.SIGINT)
-    if callable(handler):
-        handler(signal.SIGINT, frame)
-    else:
-        raise KeyboardInterrupt
-
-
-def main() -> None:
-    import signal
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _interrupt_on)
+def run_app() -> None:
+    """The typer application (vmforge.cli.entry runs the fast commands before it)."""
     try:
         app()
     except Exception as exc:  # noqa: BLE001

@@ -6,8 +6,6 @@ import base64
 import getpass
 import os
 from dataclasses import dataclass
-from email.mime.multipart import MIMEMultipart
-from email.mime.text import MIMEText
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,7 +13,9 @@ import yaml
 
 from .validate import parse_meta_data, validate_network_config, validate_user_data
 
-if TYPE_CHECKING:  # the seed path (`vmforge seed build`) stays free of pydantic
+if TYPE_CHECKING:  # the seed path (`vmforge seed build`) stays free of pydantic and email
+    from email.mime.text import MIMEText
+
     from ..spec import CloudInit
 
 __all__ = ["Seed", "build_seed", "default_user_data", "find_ssh_public_key", "inject_agent"]
@@ -72,9 +72,12 @@ def _meta_data(text: str | None, name: str, field: str = "spec.cloud_init.meta_d
 
 
 def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: bool = False,
-               ssh_key: str | None = None, schema: bool = True) -> Seed:
+               ssh_key: str | None = None, schema: bool = True,
+               network_config: str | None = None) -> Seed:
     """Validate the spec's cloud_init (against cloud-init's schemas unless ``schema`` is
-    False) and produce the seed files (pure apart from defaults)."""
+    False) and produce the seed files (pure apart from defaults). ``network_config`` is the
+    one vmforge made for the spec's NICs (static addresses, by MAC): used when cloud_init
+    has none of its own."""
     ci = cloud_init
     if ci is None:
         from ..spec import CloudInit
@@ -91,6 +94,10 @@ def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: boo
         validate_network_config(ci.network_config, "spec.cloud_init.network_config",
                                 schema=schema)
         net = ci.network_config.encode()
+    elif network_config is not None:
+        validate_network_config(network_config, "network-config (from spec.nics)",
+                                schema=schema)
+        net = network_config.encode()
     vendor = None
     if ci.vendor_data is not None:
         validate_user_data(ci.vendor_data.encode(), "spec.cloud_init.vendor_data",
@@ -118,6 +125,7 @@ WantedBy=multi-user.target
 def _user_part(user: bytes) -> list[MIMEText]:
     import email
     import email.policy
+    from email.mime.text import MIMEText
     text = user.decode()
     first = text.lstrip().splitlines()[0] if text.strip() else ""
     if first.lower().startswith(("content-type:", "mime-version:")):
@@ -166,6 +174,8 @@ def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
                    ["systemd-run", "--unit=vmforge-agent-firstboot", "--property=Restart=always",
                     "/usr/bin/python3", "/usr/local/lib/vmforge/agent.py"]],
     }
+    from email.mime.multipart import MIMEMultipart
+    from email.mime.text import MIMEText
     agent_part = MIMEText("#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False),
                           "cloud-config", "utf-8")
     agent_part.add_header("Content-Disposition", 'attachment; filename="vmforge-agent.yaml"')
