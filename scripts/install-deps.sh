@@ -13,6 +13,10 @@ APT_PKGS=(qemu-system-x86 qemu-utils ovmf busybox-static genisoimage cloud-image
 # libvirt-python builds against (it has no wheel on PyPI).
 APT_PKGS+=(libvirt-daemon-system libvirt-clients libvirt-dev libxml2-utils acl pkg-config gcc
            python3-dev)
+# The web console's browser tests (tests/integration/test_web.py): headless Chromium + driver.
+APT_PKGS+=(chromium chromium-driver)
+# Benchmarks: the tools vmforge is compared with (bench/).
+APT_PKGS+=(virtinst)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -27,7 +31,8 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test,libvirt]'
+# compat mode: a plain path entry, not an import hook that every command would pay ~8 ms for.
+.venv/bin/python -m pip install -q -e '.[test,libvirt]' --config-settings editable_mode=compat
 # Without udev (containers, minimal VMs) /dev/kvm stays root-only 0600: libvirt then finds KVM
 # when it probes QEMU but not for its QEMU account, and re-probes on every call (a define takes
 # about a minute). Give the device the group and group access udev gives it.
