@@ -5,6 +5,7 @@ Kept tiny on purpose: what this module imports, every command pays for.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from types import FrameType
@@ -27,7 +28,8 @@ def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt_on)
     from .fast import dispatch
-    code = dispatch(sys.argv[1:])
+    completing = "_VMFORGE_COMPLETE" in os.environ  # shell completion: typer answers it
+    code = None if completing else dispatch(sys.argv[1:])
     if code is not None:
         sys.stdout.flush()
         sys.exit(code)

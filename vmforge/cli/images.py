@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from .common import errors_reported, human_size, manager, out, print_json, progress
+from .complete import ImageRef, image_refs
 
 image_app = typer.Typer(no_args_is_help=True, help="The local image library and builders.")
 build_app = typer.Typer(no_args_is_help=True, help="Build images.")
@@ -110,7 +111,7 @@ def ls_cmd(json_out: JsonOpt = False) -> None:
 
 
 @image_app.command("inspect")
-def inspect_cmd(ref: str, json_out: JsonOpt = False) -> None:
+def inspect_cmd(ref: ImageRef, json_out: JsonOpt = False) -> None:
     """Format, sizes, backing chain, lineage and users of an image."""
     with errors_reported():
         lib = manager().library
@@ -132,7 +133,8 @@ def inspect_cmd(ref: str, json_out: JsonOpt = False) -> None:
 
 @image_app.command("verify")
 def verify_cmd(
-    ref: Annotated[str | None, typer.Argument(help="NAME[:VERSION]; all images if omitted.")
+    ref: Annotated[str | None, typer.Argument(help="NAME[:VERSION]; all images if omitted.",
+                                              autocompletion=image_refs)
                    ] = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -160,7 +162,8 @@ def verify_cmd(
 
 
 @image_app.command("rm")
-def rm_cmd(refs: Annotated[list[str], typer.Argument(help="NAME[:VERSION]")]) -> None:
+def rm_cmd(refs: Annotated[list[str], typer.Argument(help="NAME[:VERSION]",
+                                                     autocompletion=image_refs)]) -> None:
     """Remove images (refused while a VM or a child image uses them)."""
     with errors_reported():
         lib = manager().library
@@ -219,7 +222,7 @@ def pull_cmd(
 
 
 @image_app.command("extract-kernel")
-def extract_kernel_cmd(ref: str, json_out: JsonOpt = False) -> None:
+def extract_kernel_cmd(ref: ImageRef, json_out: JsonOpt = False) -> None:
     """Store an image's kernel and initrd beside it, read from its disk (no boot, no mount)."""
     import tempfile
 

@@ -13,11 +13,37 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from .common import err, errors_reported, manager, out, print_json, progress
+from .complete import VmNames
 
 if TYPE_CHECKING:
     from ..node.manager import VmManager
 
-__all__ = ["register_launch", "launch_request"]
+__all__ = ["register_launch", "launch_request", "parse_mount_flag"]
+
+
+def parse_mount_flag(item: str) -> dict[str, Any]:
+    """``--mount SRC[:DST][:ro|:rw]`` as a spec mount: SRC is relative to the current
+    directory; DST (absolute, in the guest) defaults to SRC's absolute path."""
+    from ..errors import SpecError
+
+    text, readonly = item, False
+    for suffix, ro in ((":ro", True), (":rw", False)):
+        if text.endswith(suffix):
+            text, readonly = text[:-len(suffix)], ro
+            break
+    src, sep, dst = text.rpartition(":/")
+    if sep:
+        dst = "/" + dst
+    else:
+        src, dst = text, ""
+    if not src:
+        raise SpecError(f"--mount {item!r} is not SRC[:DST][:ro]", field="--mount",
+                        hint="e.g. --mount ./src:/mnt/src:ro")
+    source = Path(src).expanduser().resolve()
+    if not source.is_dir():
+        raise SpecError(f"--mount {item!r}: {source} is not a host directory",
+                        field="--mount", hint="give an existing directory")
+    return {"source": str(source), "target": dst or str(source), "readonly": readonly}
 
 
 def _image_source(m: VmManager, image: str, name: str, sha256: str | None,
@@ -86,8 +112,7 @@ def launch_request(m: VmManager, image: str, *, name: str | None, cpus: int, mem
     if fws:
         spec["nics"] = [{"id": "net0", "forwards": fws}]
     if mounts:
-        raise SpecError("--mount is not available yet", field="--mount",
-                        hint="copy files in with `vmforge cp`")
+        spec["mounts"] = [parse_mount_flag(item) for item in mounts]
     base = image.rsplit("/", 1)[-1].split(":")[0].split(".")[0]
     vm_name = name or f"{base}-{secrets.token_hex(2)}"
     return {"name": vm_name, "spec": spec}
@@ -111,7 +136,8 @@ def register_launch(app: typer.Typer) -> None:
                               help="user-data file (#cloud-config ...).")] = None,
         forward: Annotated[list[str] | None, typer.Option(
             "--forward", "-p", help="HOST_PORT:GUEST_PORT (repeatable).")] = None,
-        mount: Annotated[list[str] | None, typer.Option("--mount", help="SRC:DST.")] = None,
+        mount: Annotated[list[str] | None, typer.Option(
+            "--mount", help="Share a host folder: SRC[:DST][:ro] (repeatable).")] = None,
         sha256: Annotated[str | None, typer.Option(help="Checksum of an IMAGE URL.")] = None,
         timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 900,
         json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
@@ -139,7 +165,7 @@ def register_launch(app: typer.Typer) -> None:
 
     @app.command()
     def info(
-        names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+        names: VmNames,
         fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     ) -> None:
         """State, addresses, image, release and resources (as `multipass info`)."""

@@ -26,8 +26,9 @@ from .common import (
     progress,
     set_options,
 )
+from .complete import VmName, VmNames
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+app = typer.Typer(add_completion=True, no_args_is_help=True, rich_markup_mode=None,
                   help="Build VM images and run VMs from them (QEMU, with a guest agent).")
 seed_app = typer.Typer(no_args_is_help=True, help="cloud-init NoCloud seeds.")
 app.add_typer(seed_app, name="seed")
@@ -172,7 +173,7 @@ def plan(
 
 @app.command()
 def start(
-    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    names: VmNames,
     wait: Annotated[bool, typer.Option(help="Wait until ready.")] = True,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 300,
 ) -> None:
@@ -191,7 +192,7 @@ def start(
 
 @app.command()
 def stop(
-    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    names: VmNames,
     timeout: Annotated[float, typer.Option(help="Seconds before forcing.")] = 30,
 ) -> None:
     """Stop VM(s): agent shutdown or ACPI power button, then quit, then kill."""
@@ -204,7 +205,7 @@ def stop(
 
 
 @app.command()
-def kill(names: Annotated[list[str], typer.Argument(help="VM name(s).")]) -> None:
+def kill(names: VmNames) -> None:
     """Kill VM(s) at once (SIGKILL to QEMU, destroy under libvirt)."""
     with errors_reported():
         m = manager()
@@ -215,7 +216,7 @@ def kill(names: Annotated[list[str], typer.Argument(help="VM name(s).")]) -> Non
 
 @app.command("rm")
 def rm_cmd(
-    names: Annotated[list[str], typer.Argument(help="VM name(s).")],
+    names: VmNames,
     force: Annotated[bool, typer.Option("-f", "--force",
                      help="Stop running VMs first (gracefully, then by force).")] = False,
 ) -> None:
@@ -240,7 +241,7 @@ def ls_cmd(json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
 
 
 @app.command()
-def inspect(name: str, json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
+def inspect(name: VmName, json_out: JsonOpt = False, show_secrets: SecretsOpt = False) -> None:
     """Show everything about a VM (user-data and vendor-data redacted unless asked)."""
     with errors_reported():
         m = manager()
@@ -267,7 +268,7 @@ def inspect(name: str, json_out: JsonOpt = False, show_secrets: SecretsOpt = Fal
 
 @app.command()
 def console(
-    name: str,
+    name: VmName,
     follow: Annotated[bool, typer.Option("--follow", "-F", help="Keep printing.")] = False,
     lines: Annotated[int, typer.Option("--lines", "-n", help="Last N lines (0: all).")] = 0,
 ) -> None:
@@ -299,7 +300,7 @@ def console(
 # ---------------------------------------------------------------------------- agent
 
 @app.command()
-def wait(name: str, timeout: Annotated[float, typer.Option(help="Seconds.")] = 300) -> None:
+def wait(name: VmName, timeout: Annotated[float, typer.Option(help="Seconds.")] = 300) -> None:
     """Wait until the VM's agent has announced itself."""
     with errors_reported():
         t0 = time.monotonic()
@@ -309,7 +310,7 @@ def wait(name: str, timeout: Annotated[float, typer.Option(help="Seconds.")] = 3
 
 @app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_cmd(
-    name: str,
+    name: VmName,
     command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
     interactive: Annotated[bool, typer.Option("-i", "--interactive",
                            help="Stream this command's stdin to the guest command.")] = False,
@@ -370,7 +371,7 @@ def cp(
 
 
 @app.command()
-def health(name: str, json_out: JsonOpt = False) -> None:
+def health(name: VmName, json_out: JsonOpt = False) -> None:
     """The guest's health: agent, load, memory, disk, cloud-init and the spec's checks."""
     with errors_reported():
         m = manager()

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .common import err, errors_reported, manager
+from .complete import VmName
 
 if TYPE_CHECKING:
     from ..agent.client import ExecResult
@@ -21,7 +22,7 @@ def register_shell(app: typer.Typer) -> None:
 
 
 def shell_cmd(
-    name: Annotated[str, typer.Argument(help="VM name.")],
+    name: VmName,
     user: Annotated[str | None, typer.Option(
         "--user", "-u", help="Guest user (name or uid); default: the agent's (root).")] = None,
 ) -> None:

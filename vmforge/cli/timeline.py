@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from .common import err, errors_reported, manager, out, print_json
+from .complete import VmName
 
 if TYPE_CHECKING:
     from ..node.manager import VmManager, VmRecord
@@ -49,7 +50,7 @@ def summary_line(m: VmManager, rec: VmRecord) -> str | None:
 
 
 def timeline_cmd(
-    name: Annotated[str, typer.Argument(help="VM name.")],
+    name: VmName,
     svg: Annotated[Path | None, typer.Option(
         "--svg", help="Also write the chart to this SVG file.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,

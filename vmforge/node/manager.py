@@ -15,6 +15,11 @@ Crash consistency, the rules:
   the driver is asked whether a process already runs for the VM (``find``): a VM never has two.
 * A running VM is declared crashed or stopped only after the driver says its process is gone,
   and only if the row still says running (a conditional UPDATE).
+* Host network devices (taps, :mod:`vmforge.net`) are made under the VM's lock after the row
+  says starting and before the hypervisor starts; every operation that holds the lock ends by
+  removing the taps of a VM that is not live (``_settle_net``), and a reader that finds a VM
+  dead does the same if the lock is free. Taps are named after the VM's directory, so this
+  needs neither the spec nor the row.
 
 Readiness, provisioning, agent calls and stop are coroutines; only ``vmforge.cli`` runs an
 event loop, so the daemon can await them on its own.
@@ -37,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from ..enums import SPEC_REV
 from ..errors import (
     AgentError,
+    HostError,
     InvalidState,
     LaunchError,
     SpecError,
@@ -59,6 +65,8 @@ from .states import LIVE, STARTABLE, TRANSIENT, ExitReason, VmState
 
 if TYPE_CHECKING:
     from ..agent.client import AgentClient
+    from ..net.manager import NetworkManager
+    from ..net.model import Network
     from ..spec import VmRequest
     from . import plan as planmod
 
@@ -97,6 +105,7 @@ class VmRecord:
     stopped_at: float | None
     last_error: str | None
     stop_reason: str | None = None
+    guest_net: dict[str, Any] | None = None  # the agent's last report of the guest's NICs
 
     @cached_property
     def request(self) -> VmRequest | None:
@@ -105,6 +114,12 @@ class VmRecord:
             return None
         from ..spec import parse_request
         return parse_request(self.stored, "stored spec")
+
+    @property
+    def agent_enabled(self) -> bool:
+        """From the stored spec as it is (no model needed: the hot path of `vmforge exec`)."""
+        agent = self.stored.get("spec", {}).get("agent") or {}
+        return bool(agent.get("enabled", True))
 
     @property
     def req(self) -> VmRequest:
@@ -132,6 +147,35 @@ class VmRecord:
             return str(self.runtime.agent)
         return str(self.paths.agent)
 
+    def host_nics(self) -> list[tuple[dict[str, Any], str | None]]:
+        """(stored NIC, MAC) of the NICs on host networks (bridge/network), from the stored
+        spec as plain data (no models on the listing path)."""
+        spec = self.stored.get("spec")
+        nics = spec.get("nics") if isinstance(spec, dict) else None
+        if not isinstance(nics, list):
+            return []
+        from ..net.nics import nic_macs
+        nics = [n for n in nics if isinstance(n, dict)]
+        return [(n, mac) for n, mac in zip(nics, nic_macs(self.name, nics), strict=True)
+                if (n.get("mode") or "user") != "user"]
+
+    @property
+    def ipv4(self) -> list[str]:
+        """The guest's IPv4 addresses on host networks (reachable from the host), in NIC
+        order: as the agent last reported them, else the spec's static ones."""
+        if self.state is not VmState.RUNNING:
+            return []
+        reported = {str(i.get("mac", "")).lower(): i for i in
+                    (self.guest_net or {}).get("interfaces", []) if isinstance(i, dict)}
+        out: list[str] = []
+        for nic, mac in self.host_nics():
+            iface = reported.get(mac or "")
+            if iface is not None:
+                out += [a.split("/")[0] for a in iface.get("ipv4", [])]
+            elif nic.get("ip") and not self.guest_net:
+                out.append(str(nic["ip"]).split("/")[0])
+        return out
+
     @property
     def boot_seconds(self) -> float | None:
         if self.started_at and self.ready_at and self.ready_at >= self.started_at:
@@ -146,7 +190,7 @@ class VmRecord:
             "ready_at": self.ready_at, "stopped_at": self.stopped_at,
             "boot_seconds": self.boot_seconds, "last_error": self.last_error,
             "stop_reason": self.stop_reason, "console_log": str(self.paths.console),
-            "agent": self.agent_endpoint,
+            "agent": self.agent_endpoint, "ipv4": self.ipv4,
             "runtime": json.loads(self.runtime.to_json()) if self.runtime else None}
         spec = self.stored.get("spec")
         if self.state is not VmState.BROKEN and isinstance(spec, dict):
@@ -198,6 +242,40 @@ class VmManager:
     def _lock(self, name: str) -> VmLock:
         return VmLock(self.data.locks, name)
 
+    @cached_property
+    def networks(self) -> NetworkManager:
+        """Managed networks and the VMs' taps (vmforge.net), imported when first used."""
+        from ..net.manager import NetworkManager
+        return NetworkManager(self.db, self.data)
+
+    def _nets(self, req: VmRequest) -> dict[str, Network]:
+        """The managed networks the spec's NICs name (those vmforge has)."""
+        from . import plan as planmod
+        names = planmod.managed_networks(req)
+        if not names:
+            return {}
+        out = {}
+        for name in names:
+            net = self.networks.store.find(name)
+            if net is not None:
+                out[name] = net
+        return out
+
+    def _settle_net(self, name: str) -> None:
+        """Under the VM's lock: a VM that is not live has no taps. Failures are logged, not
+        raised (this runs in ``finally`` blocks); the next command tries again."""
+        rec = self._row(name)
+        if rec is not None and rec.state in LIVE:
+            return
+        vm_dir = rec.dir if rec is not None else self.data.vms / name
+        try:
+            from ..net.manager import NetworkManager
+            if NetworkManager.vm_taps(vm_dir):
+                self.networks.release_taps(vm_dir)
+        except VmforgeError as exc:
+            import logging
+            logging.getLogger("vmforge.net").warning("VM %s: taps not removed: %s", name, exc)
+
     # -- records
     def _record(self, row: sqlite3.Row) -> VmRecord:
         state = VmState(row["state"])
@@ -217,9 +295,16 @@ class VmManager:
                 runtime = Runtime.from_json(row["runtime"])
             except (ValueError, KeyError):
                 runtime = None
+        guest_net = None
+        if row["guest_net"]:
+            try:
+                guest_net = json.loads(row["guest_net"])
+            except ValueError:
+                guest_net = None
         return VmRecord(row["name"], state, stored, Path(row["dir"]), Backend(row["backend"]),
                         runtime, row["created_at"], row["started_at"], row["ready_at"],
-                        row["stopped_at"], error, row["stop_reason"])
+                        row["stopped_at"], error, row["stop_reason"],
+                        guest_net if isinstance(guest_net, dict) else None)
 
     def _row(self, name: str) -> VmRecord | None:
         rows = self.db.query("SELECT * FROM vms WHERE name=?", (name,))
@@ -270,6 +355,7 @@ class VmManager:
             try:
                 return self._recover(rec.name)
             finally:
+                self._settle_net(rec.name)
                 lock.release(unlink=self._row(rec.name) is None)
         if rec.state is VmState.RUNNING:
             return self._check_running(rec)
@@ -288,7 +374,10 @@ class VmManager:
         return (drv.status(rt) if rt is not None else Liveness.GONE), rt
 
     def _check_running(self, rec: VmRecord) -> VmRecord:
-        live, rt = self._liveness(rec)
+        try:
+            live, rt = self._liveness(rec)
+        except HostError:  # the backend does not answer (libvirtd down): the row stands
+            return rec
         if live in (Liveness.RUNNING, Liveness.PAUSED):
             if rt is not None and rt != rec.runtime:
                 self._set(rec.name, runtime=rt.to_json())
@@ -310,6 +399,12 @@ class VmManager:
             c.execute("UPDATE vms SET state=?, runtime=NULL, stopped_at=?, stop_reason=?, "
                       "last_error=? WHERE name=? AND state='running'",
                       (new.value, time.time(), reason.value, error, rec.name))
+        lock = self._lock(rec.name)
+        if lock.try_acquire():  # else its holder settles them when it is done
+            try:
+                self._settle_net(rec.name)
+            finally:
+                lock.release()
         return self.get(rec.name, reconcile=False)
 
     def record_exit(self, name: str, reason: ExitReason) -> VmRecord:
@@ -332,7 +427,10 @@ class VmManager:
         if rec.state is VmState.DELETING:
             self._finish_delete(rec)
             return None
-        live, rt = self._liveness(rec)
+        try:
+            live, rt = self._liveness(rec)
+        except HostError:  # cannot tell now (the backend does not answer): next time
+            return rec
         alive = live in (Liveness.RUNNING, Liveness.PAUSED)
         if alive:
             self._set(name, state=VmState.RUNNING.value, runtime=rt.to_json() if rt else None,
@@ -353,6 +451,7 @@ class VmManager:
             shutil.rmtree(rec.dir, ignore_errors=True)
         with self.db.tx() as c:
             c.execute("DELETE FROM vm_images WHERE vm_name=?", (rec.name,))
+            c.execute("DELETE FROM vm_nics WHERE vm_name=?", (rec.name,))
             c.execute("DELETE FROM vms WHERE name=?", (rec.name,))
 
     def _finish_delete(self, rec: VmRecord) -> None:
@@ -361,6 +460,7 @@ class VmManager:
             if rt is not None:
                 drv.kill(rt)
         hit("delete.killed")
+        self.networks.release_taps(rec.dir)
         drv.cleanup(rec.runtime, rec.name, rec.dir)
         shutil.rmtree(rec.dir, ignore_errors=True)
         socks = rec.paths.sockets
@@ -386,6 +486,7 @@ class VmManager:
         drv = self.driver(req.spec.hypervisor)
         inputs = planmod.check_inputs(req, self.library)  # fails before any host probe
         planmod.check_capabilities(req, drv.capabilities(), inputs)
+        planmod.resolve_nics(req, self._nets(req))  # names, static addresses, MACs
         host = host or self.host()
         accel, why = self.accel_for(req, host)
         planmod.check_host(req, host)
@@ -401,11 +502,14 @@ class VmManager:
         host = self.host_or_defaults()
         drv, inputs, accel, why = self._checked(req, host)
         paths = self.data.vm(req.name)
-        mp = planmod.machine_plan(req, inputs, paths, host, accel)
+        nets = self._nets(req)
+        mp = planmod.machine_plan(req, inputs, paths, host, accel, nets)
         seed_files: dict[str, str] = {}
         if planmod.needs_seed(req):
             seed = build_seed(req.name, req.spec.cloud_init, default_if_empty=True,
-                              ssh_key=find_ssh_public_key())
+                              ssh_key=find_ssh_public_key(),
+                              network_config=planmod.guest_network_config(
+                                  planmod.resolve_nics(req, nets)))
             if req.spec.agent.enabled and req.spec.agent.inject and not inputs.agent_baked_in:
                 seed = inject_agent(seed, Path(guest.__file__).read_bytes())
             seed_files = {name: data.decode(errors="replace") for name, data in
@@ -414,6 +518,7 @@ class VmManager:
                 "accel_reason": why, "dir": str(paths.dir),
                 "images": {role: self.library.get(i).ref for role, i in inputs.pins.items()},
                 "kernel": vars(mp.kernel) if mp.kernel else None,
+                "nics": [n.to_json() for n in planmod.resolve_nics(req, nets)],
                 "seed": seed_files, "capabilities": drv.capabilities().to_json(),
                 **drv.render(mp, host).to_json()}
 
@@ -426,6 +531,7 @@ class VmManager:
         from . import plan as planmod
         drv, inputs, _accel, _why = self._checked(req, None)
         host = self.host()
+        nets = self._nets(req)
         final = self.data.vms / req.name
         lock = self._lock(req.name)
         lock.acquire()
@@ -442,6 +548,10 @@ class VmManager:
                     for role, image_id in inputs.pins.items():
                         c.execute("INSERT INTO vm_images (vm_name, role, image_id) "
                                   "VALUES (?,?,?)", (req.name, role, image_id))
+                    if nets:
+                        from ..net.store import NetworkStore
+                        NetworkStore.record_vm_nics(c, req.name,
+                                                    planmod.resolve_nics(req, nets))
             except sqlite3.IntegrityError:
                 raise VmExists(f"a VM named {req.name!r} already exists",
                                hint="pick another --name or `vmforge rm` it first") from None
@@ -458,7 +568,7 @@ class VmManager:
                 progress(Event(req.name, "create", "preparing disks and seed"))
                 planmod.prepare_artifacts(req, inputs, VmPaths(tmp), host,
                                           Path(guest.__file__).read_bytes(),
-                                          find_ssh_public_key(), schema_check)
+                                          find_ssh_public_key(), schema_check, nets)
                 _write_private(tmp / "spec.json", req.model_dump_json(by_alias=True, indent=2))
                 hit("create.artifacts")
                 os.rename(tmp, final)
@@ -510,19 +620,22 @@ class VmManager:
             if accel is Accel.TCG and req.spec.accel != "tcg":
                 progress(Event(name, "start", f"KVM unavailable ({why}); using TCG (slower)"))
             planmod.check_host(req, host)
-            mp = planmod.machine_plan(req, inputs, rec.paths, host, accel)
+            nets = self._nets(req)
+            mp = planmod.machine_plan(req, inputs, rec.paths, host, accel, nets)
             prior = rec.state
             self._transition(name, STARTABLE, VmState.STARTING, last_error=None,
-                             stop_reason=None)
+                             stop_reason=None, guest_net=None)
             progress(Event(name, "state", VmState.STARTING.value))
             hit("start.starting")
             started = time.time()
 
             def record(r: Runtime) -> None:
                 self._set(name, runtime=r.to_json())
-                hit("start.recorded" if r.pid is None else "start.launched")
+                hit("start.recorded")
             try:
+                self._attach_net(name, mp, nets, progress)
                 rt = drv.start(mp, host, record)
+                hit("start.launched")  # the hypervisor runs; the row still says starting
             except BaseException as exc:
                 found = drv.find(name, rec.dir)
                 if found is not None:  # e.g. interrupted after QEMU daemonized
@@ -535,9 +648,25 @@ class VmManager:
                       started_at=started, ready_at=None, stopped_at=None)
             hit("start.running")
         finally:
+            self._settle_net(name)
             lock.release()
         progress(Event(name, "state", VmState.RUNNING.value))
         return self.get(name, reconcile=False)
+
+    def _attach_net(self, name: str, mp: Any, nets: dict[str, Network],
+                    progress: Progress) -> None:
+        """The VM's managed networks up (bridge, rules, dnsmasq) and its taps made, after the
+        row says starting (a crash from here on is rolled back by ``_recover``)."""
+        from ..net.manager import TapRequest
+        taps = [TapRequest(n.tap, n.bridge, n.mac) for n in mp.nics if n.tap and n.bridge
+                and n.mac]
+        if not nets and not taps:
+            return
+        progress(Event(name, "start", "host network: " + ", ".join(
+            [f"network {n}" for n in sorted(nets)] + [f"tap {t.tap} on {t.bridge}"
+                                                      for t in taps])))
+        self.networks.attach(nets, taps)
+        hit("start.taps")
 
     async def wait_ready(self, name: str, timeout: float = 180.0,
                          progress: Progress = no_progress) -> VmRecord:
@@ -573,11 +702,15 @@ class VmManager:
 
         async def ready() -> dict[str, Any]:
             hello = await client.wait_ready(timeout)
+            if rec.req.spec.mounts:  # host folders: the agent mounts them (idempotent)
+                from .plan import mount_args
+                await client.mount(mount_args(rec.req))
             # Ready means provisioned: the OS part (cloud-init) has finished too.
             state = await client.wait_cloud_init(max(1.0, deadline - time.monotonic()))
             if state.get("status") == "error":
                 self._set(rec.name, last_error="cloud-init reported errors: "
                           + "; ".join(map(str, state.get("errors", [])))[:1500])
+            await self._wait_addresses(client, rec, hello, deadline)
             return hello
         waiter = asyncio.ensure_future(ready())
         try:
@@ -599,6 +732,107 @@ class VmManager:
             if not waiter.done():
                 waiter.cancel()
             await client.close()
+
+    #: How long readiness waits for DHCP on host NICs before it reports the VM ready anyway
+    #: (``inspect`` then shows which NIC has no address, and the lease it may have).
+    ADDRESS_WAIT = 30.0
+
+    async def _wait_addresses(self, client: AgentClient, rec: VmRecord,
+                              hello: dict[str, Any], deadline: float) -> None:
+        """Until every NIC on a host network has an IPv4 address (DHCP takes a moment after
+        the agent's hello), then record the guest's interfaces. Agents without the
+        ``interfaces`` call are skipped."""
+        import asyncio
+        wanted = {mac for _, mac in rec.host_nics() if mac}
+        report = hello.get("interfaces")
+        limit = min(deadline, time.monotonic() + self.ADDRESS_WAIT)
+        while True:
+            if isinstance(report, list):
+                have = {str(i.get("mac", "")).lower() for i in report
+                        if isinstance(i, dict) and i.get("ipv4")}
+                if wanted <= have or time.monotonic() >= limit:
+                    break
+            elif report is not None or not wanted or time.monotonic() >= limit:
+                break
+            await asyncio.sleep(0.2)
+            report = await client.interfaces()
+            if report is None:  # an older agent
+                break
+        if isinstance(report, list):
+            self._record_guest_net(rec.name, report)
+
+    def _record_guest_net(self, name: str, interfaces: list[dict[str, Any]]) -> None:
+        with self.db.tx() as c:
+            c.execute("UPDATE vms SET guest_net=? WHERE name=? AND state='running'",
+                      (json.dumps({"at": time.time(), "interfaces": interfaces}), name))
+
+    async def refresh_guest_net(self, name: str, timeout: float = 5.0) -> VmRecord:
+        """Ask the agent for the guest's interfaces now (when it can answer within
+        ``timeout``) and record them; the record either way."""
+        import asyncio
+
+        from ..agent.client import AgentClient
+        rec = self.get(name)
+        if rec.state is not VmState.RUNNING or rec.request is None or \
+                not rec.request.spec.agent.enabled:
+            return rec
+        client = AgentClient(rec.agent_endpoint, queue_timeout=min(2.0, timeout))
+        try:
+            await client.connect(timeout=timeout)
+            report = await asyncio.wait_for(client.interfaces(), timeout)
+        except (AgentError, OSError, TimeoutError):
+            return rec
+        finally:
+            await client.close()
+        if report is not None:
+            self._record_guest_net(name, report)
+        return self.get(name, reconcile=False)
+
+    def describe(self, rec: VmRecord, *, show_secrets: bool = False) -> dict[str, Any]:
+        """``as_dict`` plus each NIC's host side and addresses: the guest's (as the agent last
+        reported them), the static one, and the DHCP lease, cross-checked (``lease_matches``:
+        the lease's address is one the guest has)."""
+        d = rec.as_dict(show_secrets=show_secrets)
+        spec = rec.stored.get("spec")
+        nics = spec.get("nics") if isinstance(spec, dict) else None
+        if not isinstance(nics, list) or rec.state is VmState.BROKEN:
+            return d
+        from ..net.names import tap_name
+        from ..net.nics import nic_macs
+        nics = [n for n in nics if isinstance(n, dict)]
+        macs = nic_macs(rec.name, nics)
+        running = rec.state is VmState.RUNNING
+        reported = {str(i.get("mac", "")).lower(): i for i in
+                    (rec.guest_net or {}).get("interfaces", []) if isinstance(i, dict)}
+        managed = {str(n["network"]) for n in nics if n.get("network")}
+        leases = self.networks.leases_by_mac(
+            n for n in managed if self.networks.store.find(n) is not None) \
+            if managed and running else {}
+        out = []
+        for i, (nic, mac) in enumerate(zip(nics, macs, strict=True)):
+            mode = str(nic.get("mode") or "user")
+            iface = reported.get(mac or "") if running else None
+            lease = leases.get(mac or "")
+            ipv4 = [a.split("/")[0] for a in iface.get("ipv4", [])] if iface else []
+            entry: dict[str, Any] = {
+                "id": nic.get("id"), "mode": mode, "mac": mac,
+                "network": nic.get("network"), "bridge": nic.get("bridge"),
+                "static_ip": nic.get("ip"),
+                "tap": tap_name(rec.dir, i) if mode != "user" and running and
+                rec.backend.value != "libvirt" else None,
+                "guest_interface": iface.get("name") if iface else None,
+                "ipv4": ipv4, "ipv6": list(iface.get("ipv6", [])) if iface else [],
+                "lease": lease.to_json() if lease else None,
+                "lease_matches": (lease.ip in ipv4) if lease and iface else None}
+            out.append(entry)
+        d["nics"] = out
+        if running:
+            seen = [a for e in out if e["mode"] != "user" for a in e["ipv4"]]
+            if not seen:  # no report: the leases and static addresses say what they can
+                seen = [e["lease"]["ip"] if e["lease"] else str(e["static_ip"]).split("/")[0]
+                        for e in out if e["mode"] != "user" and (e["lease"] or e["static_ip"])]
+            d["ipv4"] = seen
+        return d
 
     async def _wait_marker(self, rec: VmRecord, timeout: float) -> float:
         import asyncio
@@ -642,6 +876,7 @@ class VmManager:
                 rec = self._check_running(rec)
             return await self._stop_locked(rec, timeout)
         finally:
+            self._settle_net(name)
             lock.release()
 
     async def _stop_locked(self, rec: VmRecord, timeout: float) -> StopOutcome:
@@ -716,6 +951,7 @@ class VmManager:
                       stop_reason=ExitReason.STOPPED.value)
             return outcome
         finally:
+            self._settle_net(name)
             lock.release()
 
     async def delete(self, name: str, *, force: bool = False,
@@ -785,7 +1021,7 @@ class VmManager:
         if rec.state is not VmState.RUNNING:
             raise InvalidState(f"VM {name} is {rec.state.value}, not running",
                                hint=f"`vmforge start {name}`")
-        if not rec.req.spec.agent.enabled:
+        if not rec.agent_enabled:
             raise InvalidState(f"VM {name} has no agent", hint="set spec.agent.enabled: true")
         async with AgentClient(rec.agent_endpoint, on_queued=on_queued) as client:
             yield client
