@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 
 __all__ = ["Firmware", "BootDevice", "Machine", "DiskFormat", "Backend", "AccelChoice",
-           "BootMode", "AgentTransport", "Protocol", "SPEC_REV"]
+           "BootMode", "AgentTransport", "Protocol", "NicMode", "SPEC_REV"]
 
 
 class Firmware(enum.StrEnum):
@@ -46,6 +46,17 @@ class Backend(enum.StrEnum):
     CLOUD_HYPERVISOR = "cloud-hypervisor"
     FIRECRACKER = "firecracker"
 
+    @property
+    def makes_taps(self) -> bool:
+        """Whether the backend makes (and removes) the tap of a bridge or network NIC itself
+        (libvirtd does); for the others vmforge makes it before the hypervisor starts."""
+        return self is Backend.LIBVIRT
+
+    @property
+    def named_networks(self) -> bool:
+        """Whether the backend has networks of its own by name (libvirt's ``default``)."""
+        return self is Backend.LIBVIRT
+
 
 class AccelChoice(enum.StrEnum):
     AUTO = "auto"  # KVM when a probe proved it boots guests here, else TCG
@@ -67,6 +78,18 @@ class AgentTransport(enum.StrEnum):
 class Protocol(enum.StrEnum):
     TCP = "tcp"
     UDP = "udp"
+
+
+class NicMode(enum.StrEnum):
+    """Where a NIC is plugged in (vmforge.net is the host side of the last two)."""
+    USER = "user"        # the hypervisor's user-mode NAT (port forwards); no host privileges
+    BRIDGE = "bridge"    # a tap on an existing host bridge (or libvirt's own tap on it)
+    NETWORK = "network"  # a vmforge-managed network (bridge + dnsmasq [+ NAT]), else libvirt's
+
+    @property
+    def on_host(self) -> bool:
+        """Whether the NIC is a host network device (tap), reachable from the host."""
+        return self is not NicMode.USER
 
 
 # The revision of the spec models (vmforge.spec). A stored spec stamped with this revision was

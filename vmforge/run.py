@@ -101,3 +101,47 @@ def require_binary(name: str, package: str) -> str:
     if path is None:
         raise HostError(f"{name} not found", hint=f"apt-get install {package}")
     return path
+
+
+# -- long-lived processes that outlive us ------------------------------------------------------
+
+def spawn_detached(argv: Sequence[str], *, log: str | Path, pidfile: str | Path,
+                   env: Mapping[str, str] | None = None) -> int:
+    """Start a process that runs on after we exit (Cloud Hypervisor and Firecracker do not
+    daemonize themselves, unlike QEMU's ``-daemonize``) and return its pid.
+
+    The child gets its own session (a Ctrl-C at our terminal does not reach it), stdin from
+    /dev/null, stdout and stderr appended to ``log`` (owner-only), and the fixed environment.
+    Its pid is in ``pidfile`` (written atomically) before this returns; if that fails the
+    child is killed. While we live, a daemon thread reaps it when it exits (no zombie looks
+    alive to a pid check); once we exit, init adopts it.
+    """
+    import signal
+    import threading
+
+    argv = [str(a) for a in argv]
+    _check(argv)
+    logging.getLogger(__name__).debug("spawn: %s", redact(argv))
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
+                                env=_env(env), start_new_session=True, close_fds=True)
+    except FileNotFoundError as exc:
+        raise HostError(f"{argv[0]} is not installed", hint="run `vmforge doctor`") from exc
+    except OSError as exc:
+        raise CommandError(argv, None, str(exc), what=Path(argv[0]).name) from exc
+    finally:
+        os.close(fd)
+    try:
+        tmp = Path(f"{pidfile}.tmp")
+        tmp.write_text(f"{proc.pid}\n")
+        os.replace(tmp, pidfile)
+    except BaseException:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    threading.Thread(target=proc.wait, name=f"reap-{proc.pid}", daemon=True).start()
+    return proc.pid
+
+
+__all__ += ["spawn_detached"]

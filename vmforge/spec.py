@@ -8,9 +8,10 @@ short one (``uefi``, ``cdrom``).
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -34,14 +35,16 @@ from .enums import (
     DiskFormat,
     Firmware,
     Machine,
+    NicMode,
     Protocol,
 )
 from .errors import SpecError
+from .net.names import IFNAME_RE, NET_NAME_RE
 
 __all__ = [
     "Firmware", "BootDevice", "Machine", "DiskFormat", "Backend", "AccelChoice", "BootMode",
-    "AgentTransport", "Protocol", "Disk", "Cdrom", "CloudInit",
-    "PortForward", "Nic", "KernelBoot", "AgentSpec", "HealthCheck", "ProvisionStep",
+    "AgentTransport", "Protocol", "NicMode", "Disk", "Cdrom", "CloudInit",
+    "PortForward", "Nic", "Mount", "KernelBoot", "AgentSpec", "HealthCheck", "ProvisionStep",
     "VmSpec", "VmRequest", "NAME_RE", "validate_name", "load_request", "parse_request",
     "dump_request",
 ]
@@ -88,9 +91,25 @@ def _device_id(value: str) -> str:
 DeviceId = Annotated[str, AfterValidator(_device_id)]
 
 
+def _mib(value: Any) -> Any:
+    """``memory_mib: 4G`` means 4096: sizes take suffixes everywhere (vmforge.sizes)."""
+    if isinstance(value, str):
+        from .sizes import to_mib
+        return to_mib(value)
+    return value
+
+
+def _gib(value: Any) -> Any:
+    if isinstance(value, str):
+        from .sizes import to_gib
+        return to_gib(value)
+    return value
+
+
 class Disk(_Model):
     id: DeviceId
-    size_gib: float | None = Field(default=None, gt=0, le=65536)
+    size_gib: Annotated[float | None, BeforeValidator(_gib)] = Field(default=None, gt=0,
+                                                                      le=65536)
     bootable: bool = False
     backing_file: str | None = None
     image: str | None = None
@@ -126,10 +145,83 @@ class PortForward(_Model):
 
 
 class Nic(_Model):
+    """A NIC: user-mode NAT (``forwards``), a tap on an existing host bridge (``bridge:
+    br0``) or a vmforge-managed network (``network: lan``; under libvirt, a libvirt network
+    of that name when vmforge has none). ``mode`` follows from ``bridge``/``network``.
+    ``ip`` (with ``gateway``) is a static address instead of DHCP: ``10.0.0.20`` on a managed
+    network (its prefix and gateway are the network's), ``192.168.1.20/24`` on a bridge."""
     id: str = "net0"
-    mode: str = Field(default="user", pattern="^user$")
+    mode: NicMode = NicMode.USER
+    bridge: str | None = Field(default=None, pattern=IFNAME_RE.pattern)
+    network: str | None = Field(default=None, pattern=NET_NAME_RE.pattern)
     mac: str | None = Field(default=None, pattern=r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$")
+    ip: str | None = None
+    gateway: str | None = None
     forwards: tuple[PortForward, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_from_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("mode") is None:
+            if data.get("bridge"):
+                data = {**data, "mode": NicMode.BRIDGE.value}
+            elif data.get("network"):
+                data = {**data, "mode": NicMode.NETWORK.value}
+        return data
+
+    @field_validator("ip")
+    @classmethod
+    def _ip(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import ipaddress
+        try:
+            iface = ipaddress.ip_interface(v)
+        except ValueError:
+            raise ValueError(f"not an IP address: {v!r} (e.g. 10.0.0.20 or "
+                             "192.168.1.20/24)") from None
+        if iface.version != 4:
+            raise ValueError("static addresses are IPv4")
+        if "/" in v and iface.ip in (iface.network.network_address,
+                                     iface.network.broadcast_address) and \
+                iface.network.prefixlen < 31:
+            raise ValueError(f"{v} is the subnet's network or broadcast address")
+        return str(iface) if "/" in v else str(iface.ip)
+
+    @field_validator("gateway")
+    @classmethod
+    def _gateway(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        import ipaddress
+        try:
+            return str(ipaddress.IPv4Address(v))
+        except ValueError:
+            raise ValueError(f"not an IPv4 address: {v!r}") from None
+
+    @model_validator(mode="after")
+    def _kind(self) -> Nic:
+        if self.bridge and self.network:
+            raise ValueError("give either bridge or network, not both")
+        if self.mode is NicMode.BRIDGE and not self.bridge:
+            raise ValueError("mode bridge needs bridge: NAME (an existing host bridge)")
+        if self.mode is NicMode.NETWORK and not self.network:
+            raise ValueError("mode network needs network: NAME (see `vmforge network ls`)")
+        if self.mode is NicMode.USER and (self.bridge or self.network):
+            raise ValueError(f"mode user takes neither bridge nor network (got mode "
+                             f"{self.mode.value} with {'bridge' if self.bridge else 'network'})")
+        if self.forwards and self.mode is not NicMode.USER:
+            raise ValueError("port forwards are for user-mode NICs; a bridge or network NIC "
+                             "is reached at the guest's own address")
+        if self.ip is not None and self.mode is NicMode.USER:
+            raise ValueError("a static ip needs a bridge or network NIC (user-mode NAT "
+                             "always gives the guest 10.0.2.15)")
+        if self.ip is not None and self.mode is NicMode.BRIDGE and "/" not in self.ip:
+            raise ValueError("on a host bridge give the prefix length too, e.g. "
+                             "192.168.1.20/24 (vmforge does not know the bridge's subnet)")
+        if self.gateway is not None and self.ip is None:
+            raise ValueError("gateway goes with a static ip")
+        return self
 
 
 class KernelBoot(_Model):
@@ -202,9 +294,45 @@ class ProvisionStep(_Model):
         return "wait for health"
 
 
+MOUNT_TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$")
+
+
+class Mount(_Model):
+    """A host directory shared into the guest with virtio-9p and mounted at ``target`` by the
+    guest agent, in every image (see the README, "Host folders"). ``source`` is relative to
+    the spec file (``~`` expands); ``tag`` is the 9p mount tag (default ``vmforgeN``, N the
+    mount's position). ``security_model``: ``none`` (files the guest creates belong to the
+    hypervisor's user on the host, and guest chown is ignored) or ``mapped-xattr`` (the guest's
+    owners and modes are kept in extended attributes of the host files)."""
+    source: str = Field(min_length=1)
+    target: str
+    readonly: bool = False
+    tag: str | None = Field(default=None, pattern=MOUNT_TAG_RE.pattern)
+    security_model: Literal["none", "mapped-xattr"] = "none"
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise ValueError(f"must be an absolute path in the guest, e.g. /mnt/src (got {v!r})")
+        if any(ord(c) < 32 for c in v):
+            raise ValueError("must not contain control characters")
+        norm = "/" + "/".join(p for p in v.split("/") if p not in ("", "."))
+        if ".." in norm.split("/"):
+            raise ValueError(f"must not contain '..' (got {v!r})")
+        if norm == "/":
+            raise ValueError("cannot mount over the guest's root directory")
+        return norm
+
+    def tag_at(self, index: int) -> str:
+        """The 9p mount tag of the mount at ``index`` in ``VmSpec.mounts``."""
+        return self.tag or f"vmforge{index}"
+
+
 class VmSpec(_Model):
     cpu_cores: int = Field(default=1, ge=1, le=256)
-    memory_mib: int = Field(default=512, ge=64, le=1024 * 1024)
+    memory_mib: Annotated[int, BeforeValidator(_mib)] = Field(default=512, ge=64,
+                                                               le=1024 * 1024)
     machine: Machine = Machine.Q35
     firmware: FirmwareField = Firmware.BIOS
     boot_order: tuple[BootDeviceField, ...] = ()
@@ -217,8 +345,22 @@ class VmSpec(_Model):
     agent: AgentSpec = AgentSpec()
     health_checks: tuple[HealthCheck, ...] = ()
     provision: tuple[ProvisionStep, ...] = ()
+    mounts: tuple[Mount, ...] = ()
     accel: AccelChoice = AccelChoice.AUTO
     hypervisor: Backend = Backend.QEMU
+
+    @field_validator("mounts")
+    @classmethod
+    def _mounts(cls, v: tuple[Mount, ...]) -> tuple[Mount, ...]:
+        tags = [m.tag_at(i) for i, m in enumerate(v)]
+        targets = [m.target for m in v]
+        for what, seen in (("tag", tags), ("target", targets)):
+            dup = sorted({x for x in seen if seen.count(x) > 1})
+            if dup:
+                raise ValueError(f"each mount needs its own {what}; repeated: {', '.join(dup)}"
+                                 + (" (a mount without a tag gets vmforgeN, N its position)"
+                                    if what == "tag" else ""))
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> VmSpec:
@@ -373,7 +515,10 @@ def resolve_paths(req: VmRequest, base: Path) -> VmRequest:
     if kernel and kernel.kernel:
         kernel = kernel.model_copy(update={"kernel": fix(kernel.kernel),
                                            "initrd": fix(kernel.initrd)})
-    new_spec = spec.model_copy(update={"disks": disks, "cdroms": cdroms, "kernel": kernel})
+    mounts = tuple(m.model_copy(update={"source": fix(os.path.expanduser(m.source))})
+                   for m in spec.mounts)
+    new_spec = spec.model_copy(update={"disks": disks, "cdroms": cdroms, "kernel": kernel,
+                                       "mounts": mounts})
     return req.model_copy(update={"spec": new_spec})
 
 

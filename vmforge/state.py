@@ -104,8 +104,31 @@ def _v1_to_v2(c: sqlite3.Connection) -> None:
     c.execute("ALTER TABLE vm_images_v2 RENAME TO vm_images")
 
 
-MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2}
-SCHEMA_VERSION = 2
+def _v2_to_v3(c: sqlite3.Connection) -> None:
+    """Managed networks (vmforge.net), the VMs' NICs on them, and the guest's last reported
+    interfaces. A network referenced by a NIC cannot be deleted (the foreign key); a VM's
+    NICs go with its row."""
+    c.execute("""CREATE TABLE networks (
+        name       TEXT PRIMARY KEY,
+        subnet     TEXT NOT NULL,
+        bridge     TEXT NOT NULL UNIQUE,
+        mode       TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        options    TEXT NOT NULL DEFAULT '{}')""")
+    c.execute("""CREATE TABLE vm_nics (
+        vm_name TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        nic_id  TEXT NOT NULL,
+        network TEXT NOT NULL REFERENCES networks(name),
+        mac     TEXT NOT NULL,
+        ip      TEXT,
+        PRIMARY KEY (vm_name, nic_id),
+        UNIQUE (network, mac),
+        UNIQUE (network, ip))""")
+    c.execute("ALTER TABLE vms ADD COLUMN guest_net TEXT")
+
+
+MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _v1_to_v2, 2: _v2_to_v3}
+SCHEMA_VERSION = 3
 
 
 class Database:

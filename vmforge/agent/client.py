@@ -705,6 +705,14 @@ class AgentClient:
         what = "login shell" if login else f"exec {argv[0] if argv else ''}"
         return ExecSession(self, mid, pending, what, timeout, tty)
 
+    async def mount(self, mounts: list[dict[str, Any]], timeout: float = 120.0
+                    ) -> list[dict[str, Any]]:
+        """Mount host folders shared with virtio-9p (``tag``, ``target``, ``readonly``) in the
+        guest. Idempotent: a share already at its target reports ``already``. A share that
+        cannot be mounted is a RemoteError (kind ``MountError``) with the guest's reason."""
+        await self.require("mount", "mount shared folders")
+        return [dict(r) for r in await self.call("mount", {"mounts": mounts}, timeout=timeout)]
+
     async def boot_timing(self) -> dict[str, Any]:
         """The guest's raw boot timing data (parsed by :mod:`vmforge.node.timeline`), placed
         on the host's clock: ``anchor`` pairs the guest's uptime with the host's time

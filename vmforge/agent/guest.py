@@ -17,6 +17,12 @@ pseudo-terminal whose output is the ``stdout`` stream. Calls naming a running ex
 id: ``input {exec, data, eof}`` (answered once written: the host's flow control), ``resize
 {exec, rows, cols}`` and ``signal {exec, signum}``. ``boot_timing`` returns raw boot timing
 data (kernel log, systemd and cloud-init timestamps) for the host's timeline.
+
+Host folders (virtio-9p): ``mount {mounts: [{tag, target, readonly}]}`` mounts each share at
+its target (idempotent: a share already there is left alone). A direct-kernel-booted guest also
+gets them on its command line, ``vmforge.mount=TAG:TARGET[:ro]`` (TARGET %-encoded), and the
+agent mounts those as it starts, before its hello, so they come back after a reboot of the
+guest's own.
 """
 
 from __future__ import annotations
@@ -40,9 +46,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 # What this agent can do beyond the calls of 0.1 (the host checks before relying on them).
-FEATURES = ("tty", "stdin_stream", "signal", "boot_timing")
+FEATURES = ("tty", "stdin_stream", "signal", "boot_timing", "mount")
 PORT_NAME = "org.vmforge.agent.0"
 VSOCK_PORT = 1024
 RS = b"\x1e"
@@ -595,6 +601,154 @@ class Session:
         self._close_input()
 
 
+# ---------------------------------------------------------------------------- host folders
+
+MOUNT_OPTIONS = "trans=virtio,version=9p2000.L,msize=262144"
+# The minimal image lists its 9p modules here, in load order (flat .ko files in /lib/modules,
+# no modprobe index); elsewhere modprobe finds them.
+MINIMAL_9P_MODULES = "/etc/modules.9p"
+MOUNT_TOKEN = "vmforge.mount="
+_MOUNT_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-+@~=")
+_mount_lock = threading.Lock()
+
+
+class MountError(Exception):
+    """A host folder could not be mounted (the message says why)."""
+
+
+def mount_token(tag: str, target: str, readonly: bool) -> str:
+    """One share on the kernel command line: ``vmforge.mount=TAG:TARGET[:ro]``, with every
+    byte of TARGET outside a small safe set %-encoded (no spaces, colons or commas)."""
+    enc = "".join(chr(b) if b in _MOUNT_SAFE else f"%{b:02X}" for b in target.encode())
+    return MOUNT_TOKEN + tag + ":" + enc + (":ro" if readonly else "")
+
+
+def cmdline_mounts(cmdline: str) -> list[dict[str, Any]]:
+    """The shares ``vmforge.mount=`` tokens name (malformed ones are skipped)."""
+    out = []
+    for token in cmdline.split():
+        if not token.startswith(MOUNT_TOKEN):
+            continue
+        parts = token[len(MOUNT_TOKEN):].split(":")
+        if len(parts) not in (2, 3) or not parts[0] or not parts[1].startswith("/") or \
+                (len(parts) == 3 and parts[2] != "ro"):
+            continue
+        target = re.sub(b"%([0-9A-Fa-f]{2})", lambda m: bytes([int(m.group(1), 16)]),
+                        parts[1].encode()).decode("utf-8", "surrogateescape")
+        out.append({"tag": parts[0], "target": target, "readonly": len(parts) == 3})
+    return out
+
+
+def _unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounted_9p() -> dict[str, str]:
+    """Mount point -> tag of every 9p mount (``/proc/self/mountinfo``)."""
+    out = {}
+    for line in read_text("/proc/self/mountinfo").splitlines():
+        left, sep, right = line.partition(" - ")
+        fields, rest = left.split(), right.split()
+        if sep and len(fields) >= 5 and len(rest) >= 2 and rest[0] == "9p":
+            out[_unescape_mountinfo(fields[4])] = _unescape_mountinfo(rest[1])
+    return out
+
+
+def _run_quiet(argv: list[str]) -> tuple[int, str]:
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, env={"PATH": DEFAULT_PATH}, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 127, str(exc)
+    return proc.returncode, proc.stdout.decode(errors="replace").strip()
+
+
+def share_tags() -> list[str]:
+    """The mount tags of the virtio-9p devices the guest sees (once 9pnet_virtio is in)."""
+    tags = []
+    for path in glob.glob("/sys/bus/virtio/drivers/9pnet_virtio/*/mount_tag"):
+        tags.append(read_text(path).strip("\x00\n"))
+    return sorted(tags)
+
+
+def load_9p() -> None:
+    """Load the 9p file system and its virtio transport, as this image keeps them."""
+    if os.path.isdir("/sys/module/9pnet_virtio") and "\t9p\n" in read_text("/proc/filesystems"):
+        return
+    listed = read_text(MINIMAL_9P_MODULES).split()
+    why = ""
+    if listed:
+        for name in listed:
+            if not os.path.isdir("/sys/module/" + name):
+                code, text = _run_quiet(["insmod", f"/lib/modules/{name}.ko"])
+                why = why or (text if code else "")
+    else:
+        code, why = _run_quiet(["modprobe", "-a", "9pnet_virtio", "9p"])
+    if "\t9p\n" not in read_text("/proc/filesystems"):
+        raise MountError(f"the guest kernel ({os.uname().release}) has no 9p file system "
+                         "(CONFIG_9P_FS and CONFIG_NET_9P_VIRTIO; Debian's cloud kernels lack "
+                         "them, its generic linux-image-amd64 has them)"
+                         + (f": {why}" if why else ""))
+
+
+def mount_share(tag: str, target: str, readonly: bool) -> str:
+    """Mount the share ``tag`` at ``target``: "mounted", or "already" when it is there."""
+    if not isinstance(tag, str) or not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,30}$", tag):
+        raise MountError(f"bad mount tag {tag!r}")
+    if not isinstance(target, str) or not target.startswith("/"):
+        raise MountError(f"mount target must be an absolute path: {target!r}")
+    if mounted_9p().get(target) == tag:
+        return "already"
+    load_9p()
+    tags = share_tags()
+    if tag not in tags:
+        raise MountError(f"no shared folder with tag {tag} in this VM (it has: "
+                         f"{', '.join(tags) or 'none'})")
+    try:
+        os.makedirs(target, exist_ok=True)
+    except OSError as exc:
+        raise MountError(f"cannot make mount point {target}: {exc.strerror}") from None
+    opts = MOUNT_OPTIONS + (",ro" if readonly else "")
+    code, text = _run_quiet(["mount", "-t", "9p", "-o", opts, tag, target])
+    if code:
+        raise MountError(f"mount {tag} on {target} failed: {text or f'exit {code}'}")
+    return "mounted"
+
+
+def mount_shares(mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mount each share; every one is tried, then the first failure is raised."""
+    results, errors = [], []
+    with _mount_lock:
+        for m in mounts:
+            tag, target, ro = m.get("tag"), m.get("target"), bool(m.get("readonly"))
+            try:
+                status = mount_share(str(tag), str(target), ro)
+            except MountError as exc:
+                errors.append(str(exc))
+                status = f"failed: {exc}"
+            results.append({"tag": tag, "target": target, "readonly": ro, "status": status})
+    if errors:
+        raise MountError("; ".join(errors))
+    return results
+
+
+def boot_mounts() -> None:
+    """Mount the shares on the kernel command line, before the agent's hello (about 0.15 s
+    under TCG, and only for a VM with shares). Failures go to the kernel log (the console);
+    the host's ``mount`` call after the hello tries again and reports them."""
+    mounts = cmdline_mounts(read_text("/proc/cmdline"))
+    if not mounts:
+        return
+    try:
+        mount_shares(mounts)
+    except MountError as exc:
+        try:
+            with open("/dev/kmsg", "w") as f:
+                f.write(f"<4>vmforge-agent: {exc}\n")
+        except OSError:
+            pass
+
+
 # ---------------------------------------------------------------------------- the agent
 
 class Agent:
@@ -1031,6 +1185,11 @@ class Agent:
                                 "type": "file", "mode": os.stat(p).st_mode & 0o7777})
         return {"root": root, "is_dir": True, "entries": entries}
 
+    def call_mount(self, mid: Any, mounts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if not isinstance(mounts, list) or not all(isinstance(m, dict) for m in mounts):
+            raise TypeError("mounts must be a list of {tag, target, readonly}")
+        return mount_shares(mounts)
+
     def call_mkdir(self, mid: Any, path: str, mode: int = 0o755) -> dict[str, Any]:
         path = self._abs(path)
         os.makedirs(path, mode=mode, exist_ok=True)
@@ -1137,6 +1296,7 @@ def main() -> int:
     # would not interrupt them. Handled signals are reset by exec(); ignored ones are not.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+    boot_mounts()  # before the hello: a hello of this boot means they are mounted
     deadline = time.monotonic() + 60
     while True:
         port = find_port()

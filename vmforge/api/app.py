@@ -2,8 +2,9 @@
 
 It shares the library's :class:`~vmforge.node.manager.VmManager` (no second implementation):
 sync manager calls run in worker threads (``asyncio.to_thread``), coroutines are awaited, so
-the event loop never blocks on a boot. Routes live in ``vms``, ``guest``, ``images`` and
-``system``; errors are mapped in ``errors``.
+the event loop never blocks on a boot. Routes live in ``vms``, ``guest``, ``images``,
+``system`` and ``validate``; errors are mapped in ``errors``; ``web`` is the console at ``/``
+(login form, session cookies, pages).
 """
 
 from __future__ import annotations
@@ -35,11 +36,14 @@ from .jobs import JobManager
 from .models import ERRORS
 from .supervisor import Supervisor
 
-__all__ = ["create_app", "Daemon", "mark_transport", "TRANSPORT_KEY"]
+__all__ = ["create_app", "Daemon", "mark_transport", "TRANSPORT_KEY", "SESSION_KEY"]
 
 log = logging.getLogger("vmforge.api")
 
 TRANSPORT_KEY = "vmforge.transport"
+#: Set by the web console's middleware (vmforge.api.web) on a request that carries a valid
+#: session cookie (and, when it changes state, the session's CSRF token).
+SESSION_KEY = "vmforge.session"
 API_VERSION = "1"
 
 
@@ -85,7 +89,8 @@ _bearer = HTTPBearer(auto_error=False, description="The token from the daemon's 
 
 def check_token(conn: HTTPConnection, presented: str | None) -> None:
     d = daemon_of(conn)
-    if d.token is None or conn.scope.get(TRANSPORT_KEY) == "unix":
+    if d.token is None or conn.scope.get(TRANSPORT_KEY) == "unix" or \
+            conn.scope.get(SESSION_KEY):
         return
     if presented is None or not hmac.compare_digest(presented.encode(), d.token.encode()):
         raise ApiError(401, "missing or wrong bearer token" if presented is None
@@ -202,12 +207,13 @@ def create_app(manager: VmManager, token: str | None = None, *, supervise: bool 
     app.add_exception_handler(StarletteHTTPException, _on_http)
     app.add_exception_handler(Exception, _on_internal)
 
-    from . import guest, images, system, vms
+    from . import guest, images, system, validate, vms, web
     deps = [Depends(require_token)]
-    for module in (vms, guest, images, system):
+    for module in (vms, guest, images, system, validate):
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=ERRORS)
     app.include_router(guest.ws_router, prefix="/v1")
+    web.install(app)  # the console at / (login, pages, static files, session cookies)
     return app
 
 

@@ -38,6 +38,9 @@ READY_MARKER = "vmforge: ready"
 DEFAULT_MODULES = ("virtio_pci", "virtio_mmio", "virtio_console", "virtio_blk", "virtio_net",
                    "virtio_rng", "ahci", "ata_piix", "sr_mod", "isofs", "button", "evdev",
                    "vmw_vsock_virtio_transport")
+# Host folders (virtio-9p): in the image but not loaded at boot; the agent loads them (in the
+# order /etc/modules.9p lists them, dependencies first) when a VM has mounts.
+MOUNT_MODULES = ("9pnet_virtio", "9p")
 # Modules the agent reaches only through optional imports that have fallbacks.
 PY_EXCLUDES = ("_hashlib", "ssl", "_ssl", "_bz2", "_lzma", "bz2", "lzma", "_ctypes", "ctypes",
                "tkinter", "_tkinter", "unittest", "pydoc", "doctest", "_posixshmem", "tty",
@@ -70,11 +73,30 @@ for tok in $(cat /proc/cmdline); do
 done
 hostname "$id"
 ip link set lo up
-if [ -e /sys/class/net/eth0 ]; then
-  # QEMU user-mode networking always hands out this address; no DHCP round trip needed.
-  ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
-  echo "nameserver 10.0.2.3" > /etc/resolv.conf
-fi
+# Each NIC by its MAC: vmforge.net=MAC,dhcp | vmforge.net=MAC,ADDR/PREFIX[,GATEWAY] on the
+# command line for NICs on host networks; a NIC without one is QEMU user-mode networking,
+# which always hands out 10.0.2.15 (no DHCP round trip needed).
+for dev in /sys/class/net/*; do
+  n="${dev##*/}"
+  [ "$n" = lo ] && continue
+  mac="$(cat "$dev/address")"
+  conf=""
+  for tok in $(cat /proc/cmdline); do
+    case "$tok" in "vmforge.net=$mac,"*) conf="${tok#vmforge.net=$mac,}";; esac
+  done
+  ip link set "$n" up
+  case "$conf" in
+    "")
+      ip addr add 10.0.2.15/24 dev "$n" && ip route add default via 10.0.2.2 2>/dev/null
+      [ -s /etc/resolv.conf ] || echo "nameserver 10.0.2.3" > /etc/resolv.conf ;;
+    dhcp)
+      udhcpc -f -i "$n" -s /etc/udhcpc.script -x "hostname:$id" -T 1 -t 5 -A 2 \
+        </dev/null >/dev/null 2>&1 & ;;
+    *)
+      ip addr add "${conf%%,*}" dev "$n"
+      case "$conf" in *,*) ip route add default via "${conf#*,}" 2>/dev/null;; esac ;;
+  esac
+done
 acpid -c /etc/acpi 2>/dev/null
 echo "vmforge: block devices: $(ls /sys/block | tr '\\n' ' ')" > /dev/console
 echo "READY_MARKER (uptime $(cut -d" " -f1 /proc/uptime)s)" > /dev/console
@@ -83,6 +105,28 @@ echo "READY_MARKER (uptime $(cut -d" " -f1 /proc/uptime)s)" > /dev/console
 RUN_AGENT = """#!/bin/sh
 exec /usr/bin/python3 -S -c 'import sys; sys.path.insert(0, "/opt/vmforge"); \
 import agent; sys.exit(agent.main())'
+"""
+
+# busybox udhcpc hands the lease to this script ($ip, $mask (bits), $router, $dns).
+UDHCPC_SCRIPT = """#!/bin/sh
+case "$1" in
+  deconfig)
+    ip addr flush dev "$interface" scope global
+    ip link set "$interface" up ;;
+  bound|renew)
+    ip addr show dev "$interface" | grep -q "inet $ip/$mask " || {
+      ip addr flush dev "$interface" scope global
+      ip addr add "$ip/$mask" dev "$interface"
+    }
+    if [ -n "$router" ]; then
+      for r in $router; do ip route replace default via "$r" dev "$interface" && break; done
+    fi
+    if [ -n "$dns" ]; then
+      : > /etc/resolv.conf
+      for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+    fi ;;
+esac
+exit 0
 """
 
 FINDER = """
@@ -99,11 +143,12 @@ print(json.dumps({n: m.__file__ for n, m in mf.modules.items() if m.__file__}))
 class MinimalRecipe:
     modules: tuple[str, ...] = DEFAULT_MODULES
     cmdline: str = "console=ttyS0 quiet"
+    mount_modules: tuple[str, ...] = MOUNT_MODULES
 
     def key(self, packages: dict[str, str], agent_sha: str) -> str:
         doc = {"builder": BUILDER_VERSION, "recipe": asdict(self), "packages": packages,
-               "agent": agent_sha, "init": hashlib.sha256((INITTAB + RC_BOOT + RUN_AGENT)
-                                                          .encode()).hexdigest()}
+               "agent": agent_sha, "init": hashlib.sha256((INITTAB + RC_BOOT + RUN_AGENT +
+                                                           UDHCPC_SCRIPT).encode()).hexdigest()}
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -268,6 +313,11 @@ def build_minimal(cache: Path, recipe: MinimalRecipe | None = None,
         for m in order:
             shutil.copy2(index[m], stage / "lib/modules" / f"{m}.ko")
         write_file(stage / "etc/modules.list", "\n".join(order) + "\n")
+        on_demand = _resolve_modules(recipe.mount_modules, index)
+        for m in on_demand:
+            if m not in order:
+                shutil.copy2(index[m], stage / "lib/modules" / f"{m}.ko")
+        write_file(stage / "etc/modules.9p", "\n".join(on_demand) + "\n")
         progress("busybox")
         bb = stage / "bin/busybox"
         bb.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +339,7 @@ def build_minimal(cache: Path, recipe: MinimalRecipe | None = None,
         write_file(stage / "etc/group", "root:x:0:\n")
         write_file(stage / "etc/acpi/PWRF/00000080", "#!/bin/sh\npoweroff -f\n", 0o755)
         write_file(stage / "opt/vmforge/run-agent", RUN_AGENT, 0o755)
+        write_file(stage / "etc/udhcpc.script", UDHCPC_SCRIPT, 0o755)
         progress("python and the agent")
         _stage_python(extract, stage, pyver, agent_src, progress)
         progress("writing the initramfs")

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -20,15 +20,44 @@ out = Console()
 err = Console(stderr=True)
 T = TypeVar("T")
 
-_state: dict[str, Any] = {"data_dir": None, "verbose": False}
+_state: dict[str, Any] = {"data_dir": None, "verbose": False, "host": None,
+                         "token_file": None}
 
 
-def set_options(data_dir: Path | None, verbose: bool) -> None:
+def set_options(data_dir: Path | None, verbose: bool, *, host: str | None = None,
+                token_file: Path | None = None) -> None:
+    """The global options; ``host`` (``--host`` / ``VMFORGE_HOST``): talk to that daemon."""
     _state["data_dir"] = data_dir
     _state["verbose"] = verbose
+    _state["host"] = host or None
+    _state["token_file"] = token_file
+
+
+def _command() -> tuple[str, dict[str, Any]]:
+    """The running command's words after ``vmforge`` (``image build minimal``) and its
+    parameters, from click's context ("" and {} outside one)."""
+    import click
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return "", {}
+    params = dict(ctx.params)
+    words = []
+    while ctx is not None and ctx.parent is not None:
+        words.append(ctx.info_name or "")
+        ctx = ctx.parent
+    return " ".join(reversed(words)), params
 
 
 def manager() -> VmManager:
+    """The local manager, or with ``--host`` / ``VMFORGE_HOST`` a
+    :class:`~vmforge.cli.remote.RemoteManager` with the same interface for the commands."""
+    if _state["host"]:
+        from .remote import RemoteManager, local_only
+        command, params = _command()
+        if (exc := local_only(command)) is not None:
+            raise exc
+        return cast("VmManager", RemoteManager(_state["host"], token_file=_state["token_file"],
+                                               command=command, params=params))
     from ..node.manager import VmManager
     from ..paths import DataDir
 
@@ -53,6 +82,10 @@ def errors_reported() -> Iterator[None]:
     from ..errors import VmforgeError
 
     try:
+        if _state["host"]:  # a command that works on this machine only says so at once
+            from .remote import local_only
+            if (refused := local_only(_command()[0])) is not None:
+                raise refused
         yield
     except VmforgeError as exc:
         fail(exc)

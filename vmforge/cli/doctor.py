@@ -55,6 +55,7 @@ def run_doctor(m: VmManager) -> list[dict[str, Any]]:
         path = run.find_binary(tool)
         add(tool, "ok" if path else "warn", path or f"not found ({why})",
             "" if path else f"apt-get install {pkg}")
+    _network_checks(add)
     m.data.root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(m.data.root).free
     add("free disk", "ok" if free > 5 * 1024**3 else "warn",
@@ -64,3 +65,40 @@ def run_doctor(m: VmManager) -> list[dict[str, Any]]:
     add("minimal image", "ok" if img else "warn", img.ref if img else "not built",
         "" if img else "vmforge image build minimal")
     return checks
+
+
+def _network_checks(add: Any) -> None:
+    """What bridge and managed-network NICs need (vmforge.net); user-mode NICs need none."""
+    import os
+    import platform
+    from pathlib import Path
+
+    from ..net.links import has_net_admin
+
+    why = "bridge/network NICs"
+    if Path("/sys/module/bridge").exists():
+        add("bridge (kernel)", "ok", "loaded")
+    else:
+        release = platform.release()
+        found = any(Path(f"/lib/modules/{release}").rglob("bridge.ko*")) \
+            if Path(f"/lib/modules/{release}").is_dir() else False
+        add("bridge (kernel)", "ok" if found else "warn",
+            "module available (loaded on first use)" if found else
+            f"not loaded and no bridge module for kernel {release} ({why})",
+            "" if found else "modprobe bridge (or a kernel with CONFIG_BRIDGE)")
+    tun = Path("/dev/net/tun")
+    is_char = tun.exists() and tun.is_char_device()
+    add("/dev/net/tun", "ok" if is_char else "warn",
+        "present" if is_char else f"missing (taps for {why})",
+        "" if is_char else "modprobe tun (in a container: mknod /dev/net/tun c 10 200)")
+    for tool, pkg, what in (("ip", "iproute2", "bridges and taps"),
+                            ("dnsmasq", "dnsmasq-base", "DHCP and DNS of managed networks"),
+                            ("nft", "nftables", "NAT and isolation of managed networks")):
+        path = run.find_binary(tool)
+        add(tool, "ok" if path else "warn", path or f"not found ({what})",
+            "" if path else f"apt-get install {pkg}")
+    admin = has_net_admin()
+    add("CAP_NET_ADMIN", "ok" if admin else "warn",
+        "can create bridges and taps" if admin else
+        f"missing: {why} need it (user-mode NICs do not)",
+        "" if admin else "run vmforge as root" + (" (sudo)" if os.geteuid() else ""))

@@ -43,7 +43,15 @@ def _colour(stream: Any) -> bool:
     return bool(stream.isatty()) and "NO_COLOR" not in os.environ
 
 
-def _manager(data_dir: Path | None = None) -> VmManager:
+def _manager(data_dir: Path | None = None, command: str = "") -> VmManager:
+    """The local manager, or with ``$VMFORGE_HOST`` the daemon's (vmforge.cli.remote; httpx
+    is imported only then). ``--host`` on the command line goes the typer way."""
+    host = os.environ.get("VMFORGE_HOST")
+    if host:
+        from typing import cast
+
+        from .remote import RemoteManager
+        return cast("VmManager", RemoteManager(host, command=command))
     from ..node.manager import VmManager
     from ..paths import DataDir
     return VmManager(DataDir(data_dir) if data_dir else None)
@@ -288,12 +296,19 @@ def dispatch(argv: list[str]) -> int | None:
     try:
         if cmd == "exec":
             opts = _parse_exec(rest)
-            return exec_command(_manager(), opts.pop("name"), opts.pop("command"), **opts)
+            return exec_command(_manager(command="exec"), opts.pop("name"),
+                                opts.pop("command"), **opts)
         if cmd in ("ls", "list"):
-            return ls_command(_manager(), **_parse_flags(
+            return ls_command(_manager(command="ls"), **_parse_flags(
                 rest, {"--json": "json_out", "--show-secrets": "show_secrets"}))
         if cmd == "seed" and rest[:1] == ["build"]:
-            return seed_build_command(**_parse_seed_build(rest[1:]))
+            opts = _parse_seed_build(rest[1:])
+            if os.environ.get("VMFORGE_HOST"):
+                from .remote import local_only
+                refused = local_only("seed build")
+                assert refused is not None
+                return report(refused)
+            return seed_build_command(**opts)
     except _Fallback:
         return None
     except KeyboardInterrupt:

@@ -45,8 +45,15 @@ def _root(
         "--data-dir", envvar="VMFORGE_HOME", help="State directory "
         "(default $XDG_DATA_HOME/vmforge).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    host: Annotated[str | None, typer.Option(
+        "--host", "-H", envvar="VMFORGE_HOST", help="Talk to a vmforge daemon instead: "
+        "unix:///path/vmforge.sock or https://node:PORT (token: $VMFORGE_TOKEN or "
+        "--token-file).")] = None,
+    token_file: Annotated[Path | None, typer.Option(
+        "--token-file", envvar="VMFORGE_TOKEN_FILE", help="File holding the daemon's token "
+        "(with --host over TCP).")] = None,
 ) -> None:
-    set_options(data_dir, verbose)
+    set_options(data_dir, verbose, host=host, token_file=token_file)
     if verbose:
         import logging
         logging.basicConfig(level=logging.DEBUG, format="%(name)s: %(message)s")

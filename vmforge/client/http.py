@@ -310,6 +310,7 @@ class Client(_Base):
                     r.read()
                     _check(r)
                 want = r.headers.get("x-content-sha256", "")
+                mode = _mode(r.headers.get("x-file-mode"))
                 with open(tmp, "wb") as f:
                     for chunk in r.iter_bytes(1 << 20):
                         h.update(chunk)
@@ -321,7 +322,7 @@ class Client(_Base):
             os.replace(tmp, local)
         finally:
             tmp.unlink(missing_ok=True)
-        return {"path": remote, "size": size, "sha256": h.hexdigest()}
+        return {"path": remote, "size": size, "sha256": h.hexdigest(), "mode": mode}
 
     def health(self, name: str) -> dict[str, Any]:
         return dict(self._req("GET", f"/v1/vms/{name}/health", timeout=120))
@@ -421,11 +422,12 @@ class AsyncClient(_Base):
         _check(r)
         return r.json()
 
-    async def vms(self) -> list[dict[str, Any]]:
-        return list(await self._req("GET", "/v1/vms"))
+    async def vms(self, *, show_secrets: bool = False) -> list[dict[str, Any]]:
+        return list(await self._req("GET", "/v1/vms", params={"show_secrets": show_secrets}))
 
-    async def get(self, name: str) -> dict[str, Any]:
-        return dict(await self._req("GET", f"/v1/vms/{name}"))
+    async def get(self, name: str, *, show_secrets: bool = False) -> dict[str, Any]:
+        return dict(await self._req("GET", f"/v1/vms/{name}",
+                                    params={"show_secrets": show_secrets}))
 
     async def create(self, request: Mapping[str, Any], *, start: bool = True,
                      wait: str = "none", timeout: float = 300,
@@ -461,25 +463,86 @@ class AsyncClient(_Base):
         body = _exec_body(argv, shell, env, cwd, stdin, timeout)
         out: list[bytes] = []
         err: list[bytes] = []
-        async with self.http.stream("POST", f"/v1/vms/{name}/exec", json=body,
-                                    timeout=None) as r:
-            if r.status_code >= 400:
-                await r.aread()
-                _check(r)
-            async for raw in r.aiter_lines():
-                if not raw:
-                    continue
-                line = json.loads(raw)
-                if "stream" in line:
-                    data = base64.b64decode(line["data"])
-                    (out if line["stream"] == "stdout" else err).append(data)
-                    if on_output is not None:
-                        res = on_output(line["stream"], data)
-                        if res is not None:
-                            await res
-                else:
-                    return _final(line, out, err)
-        raise DaemonError("the exec stream ended without an exit code")
+        try:
+            async with self.http.stream("POST", f"/v1/vms/{name}/exec", json=body,
+                                        timeout=None) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    _check(r)
+                async for raw in r.aiter_lines():
+                    if not raw:
+                        continue
+                    line = json.loads(raw)
+                    if "stream" in line:
+                        data = base64.b64decode(line["data"])
+                        (out if line["stream"] == "stdout" else err).append(data)
+                        if on_output is not None:
+                            res = on_output(line["stream"], data)
+                            if res is not None:
+                                await res
+                    else:
+                        return _final(line, out, err)
+        except httpx.TransportError as exc:
+            raise DaemonError(f"lost the daemon at {self.host} during exec: {exc}",
+                              hint="is `vmforge serve` running?") from exc
+        raise DaemonError("the exec stream ended without an exit code",
+                          hint="the daemon or the VM may have stopped")
+
+    async def put_file(self, name: str, local: str | Path, remote: str, *,
+                       mode: int | None = None) -> dict[str, Any]:
+        """Upload ``local`` to ``remote`` in the guest (streamed; sha256 checked by the daemon
+        and again in the guest). ``mode`` defaults to the local file's."""
+        local = Path(local)
+        digest = _sha256(local)
+        mode = (mode if mode is not None else local.stat().st_mode) & 0o7777
+
+        async def chunks() -> AsyncIterator[bytes]:
+            with open(local, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+        return dict(await self._req("PUT", f"/v1/vms/{name}/files",
+                                    params={"path": remote, "mode": f"{mode:04o}"},
+                                    content=chunks(), timeout=None,
+                                    headers={"X-Content-SHA256": digest,
+                                             "Content-Type": "application/octet-stream"}))
+
+    async def get_file(self, name: str, remote: str, local: str | Path) -> dict[str, Any]:
+        """Download ``remote`` to ``local`` (written whole or not at all, sha256 checked);
+        the result carries the guest file's ``mode``."""
+        local = Path(local)
+        tmp = local.with_name(f".{local.name}.part-{os.getpid()}")
+        h = hashlib.sha256()
+        size = 0
+        try:
+            async with self.http.stream("GET", f"/v1/vms/{name}/files",
+                                        params={"path": remote}, timeout=None) as r:
+                if r.status_code >= 400:
+                    await r.aread()
+                    _check(r)
+                want = r.headers.get("x-content-sha256", "")
+                mode = _mode(r.headers.get("x-file-mode"))
+                with open(tmp, "wb") as f:
+                    async for chunk in r.aiter_bytes(1 << 20):
+                        h.update(chunk)
+                        size += len(chunk)
+                        f.write(chunk)
+            if want and h.hexdigest() != want:
+                raise errmod.ChecksumError(f"checksum mismatch downloading {remote}: got "
+                                           f"{h.hexdigest()}, the daemon says {want}")
+            os.replace(tmp, local)
+        except httpx.TransportError as exc:
+            raise DaemonError(f"cannot reach the daemon at {self.host}: {exc}",
+                              hint="is `vmforge serve` running?") from exc
+        finally:
+            tmp.unlink(missing_ok=True)
+        return {"path": remote, "size": size, "sha256": h.hexdigest(), "mode": mode}
+
+    async def health(self, name: str, *, timeout: float = 60) -> dict[str, Any]:
+        return dict(await self._req("GET", f"/v1/vms/{name}/health",
+                                    params={"timeout": timeout}, timeout=timeout + 60))
+
+    async def job(self, job_id: str) -> dict[str, Any]:
+        return dict(await self._req("GET", f"/v1/jobs/{job_id}"))
 
     async def events(self, *, vm: str | None = None, last_event_id: int | None = None,
                      replay: bool = False, follow: bool = True, limit: float | None = None
@@ -505,6 +568,14 @@ class AsyncClient(_Base):
 
     async def host_info(self) -> dict[str, Any]:
         return dict(await self._req("GET", "/v1/host", timeout=120))
+
+
+def _mode(header: str | None) -> int | None:
+    """``X-File-Mode`` (``0o644``) as a number; None when absent or malformed."""
+    try:
+        return int(header, 8) if header else None
+    except ValueError:
+        return None
 
 
 def _sha256(path: Path) -> str:

@@ -16,6 +16,8 @@ __all__ = ["Backend", "DRIVERS", "get_driver", "available_backends"]
 DRIVERS: dict[Backend, str] = {
     Backend.QEMU: "vmforge.hypervisors.qemu.driver:QemuDriver",
     Backend.LIBVIRT: "vmforge.hypervisors.libvirt.driver:LibvirtDriver",
+    Backend.CLOUD_HYPERVISOR: "vmforge.hypervisors.cloud_hypervisor.driver:CloudHypervisorDriver",
+    Backend.FIRECRACKER: "vmforge.hypervisors.firecracker.driver:FirecrackerDriver",
 }
 
 _cache: dict[Backend, Driver] = {}

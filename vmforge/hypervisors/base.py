@@ -93,6 +93,7 @@ class Capabilities:
     direct_kernel_boot: bool = True
     firmware_boot: bool = True
     survives_vmforge: bool = True  # the VM outlives the process that started it
+    mounts: bool = True  # host directories shared into the guest (virtio-9p)
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend.value,
@@ -104,7 +105,7 @@ class Capabilities:
                 "user_net_forwards": self.user_net_forwards,
                 "direct_kernel_boot": self.direct_kernel_boot,
                 "firmware_boot": self.firmware_boot,
-                "survives_vmforge": self.survives_vmforge}
+                "survives_vmforge": self.survives_vmforge, "mounts": self.mounts}
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from ..enums import Firmware, Machine
 from .base import AGENT_PORT_NAME, AGENT_VSOCK_PORT, Accel
 
 __all__ = ["DiskPlan", "CdromPlan", "KernelPlan", "ForwardPlan", "NicPlan", "AgentPlan",
-           "MachinePlan", "AGENT_PORT_NAME", "AGENT_VSOCK_PORT"]
+           "MountPlan", "MachinePlan", "AGENT_PORT_NAME", "AGENT_VSOCK_PORT"]
 
 
 @dataclass(frozen=True)
@@ -47,9 +47,15 @@ class ForwardPlan:
 
 @dataclass(frozen=True)
 class NicPlan:
+    """A NIC: user-mode (``forwards``), or on a host bridge (``bridge``) through a tap that
+    vmforge made (``tap``, for backends that open an existing tap by name) or that the
+    backend makes itself (libvirt); or on a libvirt network by name (``network``)."""
     id: str
     mac: str | None = None
     forwards: tuple[ForwardPlan, ...] = ()
+    bridge: str | None = None
+    network: str | None = None
+    tap: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,18 @@ class AgentPlan:
     transport: str  # "virtio-serial" | "vsock"
     socket: str | None = None
     cid: int | None = None
+
+
+@dataclass(frozen=True)
+class MountPlan:
+    """A host directory (``source``, absolute) shared with virtio-9p under the mount tag
+    ``tag``; the guest agent mounts it at ``target``. ``security_model``: QEMU's ``none`` or
+    ``mapped-xattr`` (libvirt's ``squash`` and ``mapped``)."""
+    tag: str
+    source: str
+    target: str
+    readonly: bool = False
+    security_model: str = "none"
 
 
 @dataclass(frozen=True)
@@ -80,3 +98,4 @@ class MachinePlan:
     nvram: str | None = None         # the per-VM copy of the UEFI variable store
     agent: AgentPlan | None = None
     net_bootindex: int | None = None  # PXE from the first NIC at this place in the order
+    mounts: tuple[MountPlan, ...] = ()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import SpecError
 from ..hypervisors.base import Accel, Capabilities
@@ -23,16 +25,24 @@ from ..hypervisors.plan import (
     ForwardPlan,
     KernelPlan,
     MachinePlan,
+    MountPlan,
     NicPlan,
 )
 from ..images import qcow2
 from ..images.library import Image, Library
 from ..images.probe import check_disk_image
+from ..net.names import tap_name
 from ..paths import VmPaths
 from ..spec import BootDevice, DiskFormat, Firmware, VmRequest
 
+if TYPE_CHECKING:
+    from ..net.model import Network
+    from ..net.nics import ResolvedNic
+
 __all__ = ["Inputs", "check_inputs", "pinned_inputs", "check_host", "check_capabilities",
-           "prepare_artifacts", "machine_plan", "agent_vsock_cid", "needs_seed"]
+           "prepare_artifacts", "machine_plan", "agent_vsock_cid", "needs_seed", "resolve_nics",
+           "managed_networks", "mount_plans", "mount_args",
+           "mount_tokens"]
 
 KERNEL_ROLE = "kernel"
 
@@ -90,6 +100,23 @@ def _check_files(req: VmRequest) -> None:
     if spec.kernel and not spec.kernel.image:
         _must_exist(spec.kernel.kernel, "spec.kernel.kernel", "kernel")
         _must_exist(spec.kernel.initrd, "spec.kernel.initrd", "initrd")
+    _check_mounts(req)
+
+
+def _check_mounts(req: VmRequest) -> None:
+    """Each shared folder is an existing host directory, and an agent will mount it."""
+    for i, m in enumerate(req.spec.mounts):
+        field = f"spec.mounts[{i}].source"
+        if not Path(m.source).is_absolute():
+            raise SpecError(f"shared folder {m.source!r} is not an absolute path", field=field,
+                            hint="in a spec file, paths are relative to the spec's directory")
+        if not Path(m.source).is_dir():
+            what = "is not a directory" if Path(m.source).exists() else "does not exist"
+            raise SpecError(f"shared folder {m.source} {what}", field=field,
+                            hint="give an existing host directory")
+    if req.spec.mounts and not req.spec.agent.enabled:
+        raise SpecError("host folders are mounted by the guest agent, which is disabled",
+                        field="spec.mounts", hint="remove agent.enabled: false, or the mounts")
 
 
 def check_inputs(req: VmRequest, library: Library) -> Inputs:
@@ -171,8 +198,25 @@ def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None
                             field=f"spec.nics[{i}].forwards",
                             hint="use a bridge or managed network and the guest's address")
     direct = bool(spec.kernel) or (inputs is not None and inputs.kernel_image is not None)
+    if spec.mounts and not caps.mounts:
+        raise SpecError(f"{name} cannot share host folders with the guest",
+                        field="spec.mounts[0]", hint="use hypervisor: qemu or libvirt")
     if direct and not caps.direct_kernel_boot:
         raise SpecError(f"{name} cannot boot a kernel directly", field="spec.kernel")
+
+
+def resolve_nics(req: VmRequest, nets: Mapping[str, Network] | None = None
+                 ) -> tuple[ResolvedNic, ...]:
+    """The spec's NICs against the managed networks ``nets`` (name -> Network): MACs, bridges,
+    static addresses (vmforge.net.nics). Raises field-named SpecErrors."""
+    from ..net.nics import resolve_nics as resolve
+    return resolve(req.name, req.spec.nics, nets or {},
+                   named_networks=req.spec.hypervisor.named_networks)
+
+
+def managed_networks(req: VmRequest) -> set[str]:
+    """The names of the networks a spec's NICs name (managed ones, or libvirt's by name)."""
+    return {n.network for n in req.spec.nics if n.network}
 
 
 def needs_seed(req: VmRequest) -> bool:
@@ -182,7 +226,8 @@ def needs_seed(req: VmRequest) -> bool:
 
 def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
                       agent_source: bytes | None, ssh_key: str | None,
-                      schema_check: bool = True) -> None:
+                      schema_check: bool = True,
+                      nets: Mapping[str, Network] | None = None) -> None:
     """Write overlays, blank disks, the seed and the UEFI vars copy into ``paths.dir``
     (owner-only: the seed carries user-data, which may hold passwords)."""
     from ..seed import build_seed, inject_agent, write_iso
@@ -202,7 +247,8 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
             qcow2.create_blank(target, int(d.size_gib * qcow2.GIB), d.format.value)
     if needs_seed(req):
         seed = build_seed(req.name, spec.cloud_init, default_if_empty=True, ssh_key=ssh_key,
-                          schema=schema_check)
+                          schema=schema_check,
+                          network_config=guest_network_config(resolve_nics(req, nets)))
         if spec.agent.enabled and spec.agent.inject and agent_source and \
                 not inputs.agent_baked_in:
             seed = inject_agent(seed, agent_source)
@@ -214,6 +260,12 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
         shutil.copyfile(host.ovmf_vars, paths.uefi_vars)
     for p in paths.dir.iterdir():
         p.chmod(0o600)
+
+
+def guest_network_config(nics: Sequence[ResolvedNic]) -> str | None:
+    """The seed's network-config v2 for NICs on host networks (by MAC), or None."""
+    from ..net.guestconfig import network_config_v2
+    return network_config_v2(nics)
 
 
 def _boot_indexes(req: VmRequest, direct_kernel: bool) -> tuple[dict[str, int], int | None]:
@@ -237,12 +289,16 @@ def _boot_indexes(req: VmRequest, direct_kernel: bool) -> tuple[dict[str, int], 
     return idx, net_index
 
 
-def kernel_plan(req: VmRequest, inputs: Inputs) -> KernelPlan | None:
+def kernel_plan(req: VmRequest, inputs: Inputs, nics: Sequence[ResolvedNic] = ()
+                ) -> KernelPlan | None:
     """The one place that decides direct kernel boot: a library image's kernel (the disk's
-    own, or ``kernel.image``), or the spec's kernel/initrd paths."""
+    own, or ``kernel.image``), or the spec's kernel/initrd paths. The command line carries
+    the VM's name and its host NICs' addressing (``vmforge.net=``, read by the minimal
+    image's init; cloud images use the seed's network-config instead)."""
+    from ..net.guestconfig import cmdline_tokens
     spec = req.spec
     k = spec.kernel
-    tag = f"vmforge.id={req.name}"
+    tag = " ".join([f"vmforge.id={req.name}", *cmdline_tokens(nics), *mount_tokens(req)])
     if inputs.kernel_image is not None:
         img = inputs.kernel_image
         kpath = img.path(spec.firmware.kernel_role()) or img.path("kernel")
@@ -258,16 +314,21 @@ def kernel_plan(req: VmRequest, inputs: Inputs) -> KernelPlan | None:
 
 
 def machine_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts,
-                 accel: Accel) -> MachinePlan:
+                 accel: Accel, nets: Mapping[str, Network] | None = None) -> MachinePlan:
+    """``nets``: the managed networks the spec's NICs name (name -> Network)."""
     spec = req.spec
-    kernel = kernel_plan(req, inputs)
+    resolved = resolve_nics(req, nets)
+    kernel = kernel_plan(req, inputs, resolved)
     idx, net_index = _boot_indexes(req, direct_kernel=kernel is not None)
     disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
                            else d.format.value, idx.get(d.id)) for d in spec.disks)
     cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
-    nics = tuple(NicPlan(n.id, n.mac, tuple(ForwardPlan(f.protocol, f.host_addr, f.host_port,
-                                                        f.guest_port) for f in n.forwards))
-                 for n in spec.nics)
+    own_taps = not spec.hypervisor.makes_taps
+    nics = tuple(NicPlan(n.id, r.mac, tuple(ForwardPlan(f.protocol, f.host_addr, f.host_port,
+                                                        f.guest_port) for f in n.forwards),
+                         bridge=r.bridge, network=r.libvirt_network,
+                         tap=tap_name(paths.dir, r.index) if r.bridge and own_taps else None)
+                 for n, r in zip(spec.nics, resolved, strict=True))
     agent = None
     if spec.agent.enabled:
         cid = agent_vsock_cid(req, host)
@@ -280,7 +341,32 @@ def machine_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts
         disks=disks, cdroms=cdroms, seed=str(paths.seed) if needs_seed(req) else None,
         nics=nics, kernel=kernel,
         nvram=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
-        agent=agent, net_bootindex=net_index if spec.nics else None)
+        agent=agent, net_bootindex=net_index if spec.nics else None, mounts=mount_plans(req))
+
+
+def mount_plans(req: VmRequest) -> tuple[MountPlan, ...]:
+    return tuple(MountPlan(m.tag_at(i), m.source, m.target, m.readonly, m.security_model)
+                 for i, m in enumerate(req.spec.mounts))
+
+
+def mount_args(req: VmRequest) -> list[dict[str, object]]:
+    """The agent's ``mount`` call arguments: each share's tag, guest target and mode."""
+    return [{"tag": p.tag, "target": p.target, "readonly": p.readonly}
+            for p in mount_plans(req)]
+
+
+#: Shares go on a direct-booted kernel's command line only while they fit in this many
+#: characters (Linux keeps 2048 in all); beyond it the agent gets them from the host's call.
+MOUNT_CMDLINE_BUDGET = 1024
+
+
+def mount_tokens(req: VmRequest) -> list[str]:
+    """``vmforge.mount=TAG:TARGET[:ro]`` for each share: the agent of a direct-booted guest
+    mounts them as it starts, on every boot (the host's ``mount`` call after the hello covers
+    the rest, and reports failures)."""
+    from ..agent.guest import mount_token
+    tokens = [mount_token(p.tag, p.target, p.readonly) for p in mount_plans(req)]
+    return tokens if sum(len(t) + 1 for t in tokens) <= MOUNT_CMDLINE_BUDGET else []
 
 
 def agent_vsock_cid(req: VmRequest, host: HostFacts) -> int | None:

@@ -16,6 +16,11 @@ blobs stay (they give that account nothing it could write). An ACL entry shows i
 ``+`` and as group bits (the ACL mask: a 0700 directory lists as 0710): still nobody but the
 owner and that account. This module decides what to grant (reading modes and ACLs, no
 processes); :func:`apply_grants` runs ``setfacl`` through :mod:`vmforge.run`.
+
+Shared folders (``spec.mounts``) are the user's own directories, not vmforge's: the account gets
+search on the directories above each (as for a disk), but the folder's tree is never changed.
+:func:`mount_grants` refuses, naming the folder and the command that would open it, when the
+account cannot read it (or, shared read-write, write it).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from ... import run
 from ...errors import CommandError, HostError
 
 __all__ = ["Principal", "principal", "parse_label", "has_access", "needed_grants",
-           "apply_grants", "backing_chain", "READ", "WRITE", "SEARCH"]
+           "apply_grants", "backing_chain", "mount_grants", "READ", "WRITE", "SEARCH"]
 
 READ, WRITE, SEARCH = 4, 2, 1
 
@@ -185,3 +190,26 @@ def apply_grants(who: Principal, grants: dict[str, list[Path]]) -> None:
                             f"{', '.join(map(str, paths))}: {exc.stderr.strip()}",
                             hint="the files must be yours (or run as root), on a file system "
                                  "with POSIX ACLs") from exc
+
+
+def mount_grants(who: Principal, mounts: Iterable[tuple[str | Path, bool]]
+                 ) -> dict[str, list[Path]]:
+    """What to grant ``who`` for shared folders ``(directory, readonly)``: search on the
+    directories above them. A folder ``who`` cannot use (read and search; write too unless
+    read-only) is a HostError: vmforge does not change the permissions of the user's tree."""
+    plan: dict[str, list[Path]] = {"x": [], "r": [], "rw": []}
+    for source, readonly in mounts:
+        path = Path(os.path.abspath(source))
+        for d in _ancestors(path):
+            if d not in plan["x"] and not has_access(d, who, SEARCH):
+                plan["x"].append(d)
+        want = READ | SEARCH | (0 if readonly else WRITE)
+        if path.is_dir() and not has_access(path, who, want):
+            perm = "rX" if readonly else "rwX"
+            raise HostError(f"libvirt's QEMU (uid {who.uid}) cannot "
+                            f"{'read' if readonly else 'read and write'} the shared folder "
+                            f"{path}",
+                            hint=f"open it to that account: setfacl -R -m u:{who.uid}:{perm} "
+                                 f"-m d:u:{who.uid}:{perm} {path}; or share it read-only, "
+                                 "or use qemu:///session (QEMU then runs as you)")
+    return plan

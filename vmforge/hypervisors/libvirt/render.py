@@ -27,6 +27,11 @@ Choices, and why:
   custom-argv", which is cosmetic. Without forwards, NICs are plain ``<interface type='user'>``.
 - A NIC on a libvirt network or a host bridge (``network``/``bridge`` on the NIC plan, when
   the spec grows them) becomes ``<interface type='network'|'bridge'>``.
+- Host folders: ``<filesystem type='mount'>`` (virtio-9p, the QEMU backend's ``-fsdev local``)
+  with ``accessmode='squash'``, which is QEMU's ``security_model=none`` (``passthrough`` would
+  make QEMU chown every file the guest creates, which fails when QEMU is not root: under
+  ``qemu:///system`` it runs as libvirt-qemu), or ``mapped`` for ``mapped-xattr``. The target
+  ``dir`` is the mount tag.
 - Ownership: ``<metadata>`` holds a ``vmforge:vm`` element with the VM directory, so the driver
   adopts only the domains vmforge defined for that VM.
 """
@@ -209,6 +214,19 @@ def _user_nic_args(nic: NicPlan, machine: Machine, slot: int, order: int | None)
     return ["-netdev", netdev, "-device", json.dumps(device, separators=(",", ":"))]
 
 
+#: The spec's security models as libvirt's access modes (the same QEMU options).
+ACCESS_MODES = {"none": "squash", "mapped-xattr": "mapped"}
+
+
+def _mounts(devices: ET.Element, plan: MachinePlan) -> None:
+    for m in plan.mounts:
+        fs = _sub(devices, "filesystem", type="mount", accessmode=ACCESS_MODES[m.security_model])
+        _sub(fs, "source", dir=m.source)
+        _sub(fs, "target", dir=m.tag)
+        if m.readonly:
+            _sub(fs, "readonly")
+
+
 def _agent(devices: ET.Element, plan: MachinePlan) -> None:
     agent = plan.agent
     if agent is None:
@@ -261,6 +279,7 @@ def domain_xml(plan: MachinePlan, host: HostFacts, *, dac_label: str | None = No
     _sub(devices, "controller", type="usb", model="none")
     _storage(devices, plan)
     passthrough = _nics(devices, plan)
+    _mounts(devices, plan)
     serial = _sub(devices, "serial", type="file")
     _sub(serial, "source", path=plan.console_log)
     _sub(serial, "target", port="0")

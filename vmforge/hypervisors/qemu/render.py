@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...enums import Firmware, Machine
-from ...errors import HostError
+from ...errors import HostError, SpecError
 from ..base import Accel
 from ..host import HostFacts
 from ..plan import AGENT_PORT_NAME, MachinePlan
@@ -92,7 +92,13 @@ def qemu_argv(plan: MachinePlan, host: HostFacts) -> list[str]:
         argv += ["-drive", f"file={plan.seed},if=none,id=cidata,format=raw,readonly=on",
                  "-device", f"{virtio_device('blk', plan.machine)},drive=cidata,serial=cidata"]
     for i, nic in enumerate(plan.nics):
-        netdev = f"user,id={nic.id}"
+        if nic.tap:  # made and plugged into its bridge by vmforge (vmforge.net) beforehand
+            netdev = f"tap,id={nic.id},ifname={nic.tap},script=no,downscript=no"
+        elif nic.bridge or nic.network:
+            raise SpecError(f"NIC {nic.id}: QEMU needs a tap for a bridge or network NIC",
+                            field="spec.nics", hint="plan it with vmforge.node.plan")
+        else:
+            netdev = f"user,id={nic.id}"
         for fw in nic.forwards:
             netdev += f",hostfwd={fw.protocol}:{fw.host_addr}:{fw.host_port}-:{fw.guest_port}"
         dev = f"{virtio_device('net', plan.machine)},netdev={nic.id}"
@@ -110,4 +116,15 @@ def qemu_argv(plan: MachinePlan, host: HostFacts) -> list[str]:
         kind = "vhost-vsock-device" if plan.machine is Machine.MICROVM else "vhost-vsock-pci"
         argv += ["-device", f"{kind},guest-cid={agent.cid}"]
     argv += ["-device", f"{virtio_device('rng', plan.machine)}"]
+    for i, m in enumerate(plan.mounts):
+        # QEMU's option syntax doubles a comma inside a value.
+        fsdev = (f"local,id=mount{i},path={m.source.replace(',', ',,')},"
+                 f"security_model={m.security_model}") + (",readonly=on" if m.readonly else "")
+        argv += ["-fsdev", fsdev,
+                 "-device", f"{virtio_device('9p', plan.machine)},fsdev=mount{i},"
+                            f"mount_tag={m.tag}"]
+    if plan.machine is not Machine.MICROVM:
+        # The guest reports a kernel panic to QEMU (GUEST_PANICKED on QMP): a supervisor can
+        # then tell a panic from a power-off. microvm has no ISA bus for it.
+        argv += ["-device", "pvpanic"]
     return argv

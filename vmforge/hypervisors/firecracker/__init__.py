@@ -1,0 +1,2 @@
+"""Firecracker backend: ``render`` (pure: MachinePlan -> API requests) and ``driver`` (the VMM
+process and its HTTP API on a unix socket)."""

@@ -1,0 +1,86 @@
+"""Firecracker backend, I/O part: ``firecracker --api-sock PATH --id NAME`` started detached,
+then the pre-boot calls and ``InstanceStart``; ``GET /`` for the state; ``SendCtrlAltDel``
+(with ``reboot=k`` on the command line the guest's reboot ends the VMM), then SIGTERM, then
+SIGKILL to stop. See :mod:`vmforge.hypervisors._apivmm` for the shared parts.
+
+Disks are raw only: a per-VM disk is a sparse or reflinked copy of a raw image
+(:func:`vmforge.images.rawcopy.create_raw_copy`), never a qcow2 overlay.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from ...enums import Backend, DiskFormat, Firmware, Machine
+from .._apivmm import ApiVmmDriver, sigterm
+from .._unixhttp import ApiResponse
+from ..base import ApiRequest, Capabilities, Liveness, Runtime
+from ..plan import MachinePlan
+from . import render as r
+
+__all__ = ["FirecrackerDriver"]
+
+_STATES = {"Running": Liveness.RUNNING, "Paused": Liveness.PAUSED,
+           "Not started": Liveness.POWERED_OFF}
+
+
+class FirecrackerDriver(ApiVmmDriver):
+    backend = Backend.FIRECRACKER
+    binary_name = "firecracker"
+    install_hint = ("install the static binary from "
+                    "https://github.com/firecracker-microvm/firecracker/releases on PATH")
+    # reboot=k: a guest that reboots (or panics, panic=1) makes Firecracker exit.
+    power_off_marks = ("reboot: Power down", "System halted", "reboot: Restarting system")
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            backend=self.backend, machines=frozenset({Machine.MICROVM}),
+            firmware=frozenset({Firmware.BIOS}), disk_formats=frozenset({DiskFormat.RAW}),
+            cdroms=False, needs_kvm=True, agent_transports=frozenset({"hybrid-vsock"}),
+            user_net_forwards=False, direct_kernel_boot=True, firmware_boot=False,
+            survives_vmforge=True, mounts=False)
+
+    def boot_requests(self, plan: MachinePlan, host: Any) -> list[ApiRequest]:
+        return r.boot_requests(plan)
+
+    def prepare_files(self, plan: MachinePlan) -> None:
+        # Firecracker opens its log without creating it.
+        os.close(os.open(r.log_file(plan.vm_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                         0o600))
+
+    def api_socket(self, run_dir: str) -> str:
+        return r.api_socket(run_dir)
+
+    def vsock_socket(self, run_dir: str) -> str:
+        return r.vsock_socket(run_dir)
+
+    def argv(self, binary: str, api_socket: str, name: str) -> list[str]:
+        return [binary, "--api-sock", api_socket, "--id", name]
+
+    def ping_request(self) -> ApiRequest:
+        return ApiRequest("GET", "/")
+
+    def info_request(self) -> ApiRequest:
+        return ApiRequest("GET", "/")
+
+    def power_button_request(self) -> ApiRequest:
+        return ApiRequest("PUT", "/actions", {"action_type": "SendCtrlAltDel"})
+
+    def vm_state(self, info: ApiResponse) -> Liveness:
+        try:
+            data = info.json() if info.ok else None
+        except ValueError:
+            data = None
+        state = data.get("state") if isinstance(data, dict) else None
+        return _STATES.get(str(state), Liveness.RUNNING)
+
+    async def quit(self, rt: Runtime) -> None:
+        await asyncio.to_thread(sigterm, rt.pid, rt.marker)
+
+    def snapshot_requests(self, dest_dir: str, resume: bool = True) -> list[ApiRequest]:
+        return r.snapshot_requests(dest_dir, resume)
+
+    def restore_requests(self, plan: MachinePlan, src_dir: str) -> list[ApiRequest]:
+        return r.restore_requests(plan.vm_dir, src_dir)
