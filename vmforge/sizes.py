@@ -21,9 +21,10 @@ def parse_size(value: str | int | float, default_unit: int) -> float:
         raise ValueError("a size must be a number or a string such as 4G")
     if isinstance(value, int | float):
         return float(value) * default_unit
-    m = _SIZE.match(value)
+    m = _SIZE.match(value) if len(value) <= 32 else None
     if not m:
-        raise ValueError(f"{value!r} is not a size (use a number, or a suffix: 512M, 4G, 1T)")
+        shown = value if len(value) <= 32 else value[:29] + "..."
+        raise ValueError(f"{shown!r} is not a size (use a number, or a suffix: 512M, 4G, 1T)")
     unit = _UNITS[m.group(2).lower()]
     return float(m.group(1)) * (unit if unit is not None else default_unit)
 
@@ -32,7 +33,7 @@ def to_mib(value: str | int | float) -> int:
     """A size as whole MiB (``4G`` -> 4096; a bare number is MiB already)."""
     n = parse_size(value, 1 << 20) / (1 << 20)
     if n != int(n):
-        raise ValueError(f"{value!r} is not a whole number of MiB")
+        raise ValueError(f"{str(value)[:32]!r} is not a whole number of MiB")
     return int(n)
 
 

@@ -54,7 +54,7 @@ ID_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,31}$")
 
 
 def validate_name(name: str, field: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise SpecError(
             f"invalid VM name {name!r}",
             field=field,
@@ -83,7 +83,7 @@ class _Model(BaseModel):
 
 
 def _device_id(value: str) -> str:
-    if not ID_RE.match(value):
+    if not ID_RE.fullmatch(value):
         raise ValueError("must be 1-32 letters, digits, '-' or '_'")
     return value
 
@@ -393,7 +393,7 @@ class VmRequest(_Model):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v):
+        if not NAME_RE.fullmatch(v):
             raise ValueError("must be 1-63 letters, digits and '-', starting and ending with a "
                              "letter or digit (it becomes a directory name and the hostname)")
         return v

@@ -16,6 +16,8 @@ from ..fakes import fake_host
 
 def test_vm_names_and_image_refs_complete(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                           ) -> None:
+    from vmforge.cli import common
+    monkeypatch.setitem(common._state, "data_dir", None)  # no --data-dir from earlier tests
     monkeypatch.setenv("VMFORGE_HOME", str(tmp_path / "data"))
     assert complete.vm_names("") == []  # no state file yet: nothing, no error
     m = VmManager(DataDir(tmp_path / "data"), host=fake_host())

@@ -56,7 +56,10 @@ def test_qemu_capabilities_accept_every_spec_shape() -> None:
     json.dumps(caps.to_json())  # served to clients as JSON
 
 
-def test_backends_without_a_driver_are_a_host_error() -> None:
+def test_backends_without_a_driver_are_a_host_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmforge import hypervisors
+    monkeypatch.delitem(hypervisors.DRIVERS, Backend.FIRECRACKER)
+    monkeypatch.delitem(hypervisors._cache, Backend.FIRECRACKER, raising=False)
     with pytest.raises(HostError, match="firecracker"):
         get_driver("firecracker")
 

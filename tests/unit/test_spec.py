@@ -221,3 +221,14 @@ def test_bad_scalar_values_are_yaml_errors_with_position() -> None:
     from vmforge.spec import load_document
     with pytest.raises(SpecError, match="line 2, column 10.*not a valid timestamp"):
         load_document("name: a\ncreated: 2024-13-45\n", "x.yaml")
+
+
+def test_sizes_take_suffixes_everywhere() -> None:
+    from vmforge.sizes import to_gib, to_mib
+    req = parse_request({"name": "s", "spec": {"memory_mib": "4G", "disks": [
+        {"id": "d", "size_gib": "512M"}, {"id": "e", "size_gib": "1.5T"}]}})
+    assert req.spec.memory_mib == 4096
+    assert [d.size_gib for d in req.spec.disks] == [0.5, 1536]
+    assert to_mib(2048) == 2048 and to_mib("2048K") == 2 and to_gib("20G") == 20
+    with pytest.raises(SpecError, match=r"spec\.memory_mib: '1\.5K' is not a whole number"):
+        parse_request({"name": "s", "spec": {"memory_mib": "1.5K"}})

@@ -141,7 +141,7 @@ async def exec_ws(websocket: WebSocket, name: str) -> None:
     await websocket.accept()
     try:
         from ..spec import NAME_RE
-        if not NAME_RE.match(name):
+        if not NAME_RE.fullmatch(name):
             raise SpecError(f"invalid VM name {name!r}", field="name")
         try:
             body = ExecIn.model_validate_json(await websocket.receive_text())

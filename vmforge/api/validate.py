@@ -202,7 +202,7 @@ async def validate(request: Request, body: ValidateIn) -> dict[str, Any]:
             from ..seed.build import default_user_data
             from ..spec import NAME_RE
             name = data.get("name") if isinstance(data, dict) else None
-            host = name if isinstance(name, str) and NAME_RE.match(name) else "vm"
+            host = name if isinstance(name, str) and NAME_RE.fullmatch(name) else "vm"
             filled = default_user_data(host, key, body.ssh_user or "vmforge").decode()
             if isinstance(data, dict) and isinstance(data.get("spec"), dict):
                 spec = data["spec"]

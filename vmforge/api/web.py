@@ -250,7 +250,7 @@ async def images_page(request: Request) -> Response:
 
 @router.get("/vms/{name}")
 async def vm_page(request: Request, name: str) -> Response:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         return HTMLResponse("<!doctype html><title>Not found</title><p>No such VM name.",
                             status_code=404, headers=PAGE_HEADERS)
     return _page(request, "vm")

@@ -69,7 +69,7 @@ def _image_source(m: VmManager, image: str, name: str, sha256: str | None,
             raise SpecError(f"no such image file: {image}", field="IMAGE",
                             hint="give a library reference (vmforge image ls), a file or a URL")
         return {"disks": [{"id": "root", "bootable": True, "backing_file": str(path)}]}
-    if not REF_RE.match(image):
+    if not REF_RE.fullmatch(image):
         raise SpecError(f"{image!r} is neither an image reference, a file nor a URL",
                         field="IMAGE", hint="see `vmforge image ls`")
     if image.split(":")[0] in BUILTIN:

@@ -135,7 +135,7 @@ def _name(name: str) -> str:
     """A VM name as the daemon would accept it; anything else is a VM that does not exist
     (as locally), never a path in a URL."""
     from ..spec import NAME_RE
-    if not isinstance(name, str) or not NAME_RE.match(name):
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
     return name
 
@@ -578,7 +578,24 @@ class RemoteManager:
         return record_from(d, secrets=show_secrets, source=self)
 
     def describe(self, rec: VmRecord, *, show_secrets: bool = False) -> dict[str, Any]:
-        return rec.as_dict(show_secrets=show_secrets)
+        """``as_dict`` plus each NIC (as ``VmManager.describe``): the daemon's ``nics`` when
+        it sends them, else worked out here from the stored spec. The NICs' host side (DHCP
+        leases of the node's networks, the guest's report per NIC) is the node's to know:
+        without it, a NIC on a host network shows no addresses of its own, and the VM's
+        ``ipv4`` stays what the daemon said."""
+        d = rec.as_dict(show_secrets=show_secrets)
+        if "nics" in d or not rec.stored.get("spec", {}).get("nics"):
+            return d
+        from types import SimpleNamespace
+
+        from ..node.manager import VmManager
+        no_networks = SimpleNamespace(
+            store=SimpleNamespace(find=lambda _name: None),
+            leases_by_mac=lambda _names: {})
+        shim: Any = SimpleNamespace(networks=no_networks)
+        out = VmManager.describe(shim, rec, show_secrets=show_secrets)
+        out["ipv4"] = d.get("ipv4", [])
+        return out
 
     async def refresh_guest_net(self, name: str, timeout: float = 5.0) -> VmRecord:
         return self.get(name)  # the daemon's record says what the guest last reported

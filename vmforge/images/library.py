@@ -57,7 +57,7 @@ def sha256_file(path: str | Path, bufsize: int = CHUNK) -> str:
 
 
 def parse_ref(ref: str) -> tuple[str, int | None]:
-    m = REF_RE.match(ref)
+    m = REF_RE.fullmatch(ref)
     if not m:
         raise ImageError(f"invalid image reference {ref!r}",
                          hint="use NAME or NAME:VERSION, e.g. debian:2 or debian:latest")

@@ -97,7 +97,7 @@ class NetworkManager:
     def create(self, name: str, subnet: str, mode: NetMode, bridge: str | None = None
                ) -> Network:
         net = Network.new(name, subnet, mode, bridge, time.time())
-        if bridge is not None and not IFNAME_RE.match(bridge):
+        if bridge is not None and not IFNAME_RE.fullmatch(bridge):
             raise SpecError(f"invalid bridge name {bridge!r}", field="--bridge",
                             hint="1-15 letters, digits, '_', '.' or '-'")
         self._check_host_tools(net)

@@ -41,7 +41,7 @@ class NetMode(enum.StrEnum):
 
 
 def validate_network_name(name: str, field: str = "NAME") -> str:
-    if not isinstance(name, str) or not NET_NAME_RE.match(name):
+    if not isinstance(name, str) or not NET_NAME_RE.fullmatch(name):
         raise SpecError(f"invalid network name {name!r}", field=field,
                         hint="use 1-32 letters, digits and '-', starting and ending with a "
                              "letter or digit")
