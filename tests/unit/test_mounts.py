@@ -325,7 +325,8 @@ def test_a_kernel_without_9p_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(guest, "read_text", lambda path, default="": files.get(path, default))
     monkeypatch.setattr(guest, "_run_quiet", lambda argv: (
         1, "modprobe: FATAL: Module 9pnet_virtio not found"))
-    with pytest.raises(guest.MountError, match=r"has no 9p file system .*linux-image-amd64.*: modprobe: FATAL"):
+    with pytest.raises(guest.MountError,
+                       match=r"has no 9p file system .*linux-image-amd64.*: modprobe: FATAL"):
         guest.load_9p()
 
 

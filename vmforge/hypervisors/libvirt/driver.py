@@ -336,6 +336,8 @@ class LibvirtDriver(Driver):
             write: list[str | Path] = [d.path for d in plan.disks]
             write += [plan.nvram] if plan.nvram else []
             access.apply_grants(who, access.needed_grants(who, read, write))
+            access.apply_grants(who, access.mount_grants(
+                who, [(m.source, m.readonly) for m in plan.mounts]))
         return who.label
 
     def start(self, plan: MachinePlan, host: HostFacts,
