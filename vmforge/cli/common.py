@@ -36,8 +36,12 @@ def set_options(data_dir: Path | None, verbose: bool, *, host: str | None = None
 def _command() -> tuple[str, dict[str, Any]]:
     """The running command's words after ``vmforge`` (``image build minimal``) and its
     parameters, from click's context ("" and {} outside one)."""
-    import click
-    ctx = click.get_current_context(silent=True)
+    import importlib
+    try:  # newer typer carries its own copy of click
+        globs: Any = importlib.import_module("typer._click.globals")
+    except ImportError:
+        globs = importlib.import_module("click.globals")
+    ctx = globs.get_current_context(silent=True)
     if ctx is None:
         return "", {}
     params = dict(ctx.params)

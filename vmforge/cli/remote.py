@@ -504,7 +504,8 @@ class RemoteManager:
         self.token_file = token_file
         self.command = command
         self.params = dict(params or {})
-        self._jobs: dict[str, str] = {}  # VM -> the daemon's job bringing it up
+        # VM -> the daemon's job bringing it up, and the progress already shown
+        self._jobs: dict[str, tuple[str, set[tuple[Any, ...]]]] = {}
         self._consoles: dict[str, Path] = {}
         self._tmp: Path | None = None
         with self.mapped():
@@ -546,12 +547,14 @@ class RemoteManager:
             if exc.status == 401:
                 client = self.__dict__.get("client")
                 sent = client is not None and "Authorization" in client.headers
+                hint = ("set VMFORGE_TOKEN, or --token-file / VMFORGE_TOKEN_FILE, to the "
+                        "content of the daemon's --token-file (a unix socket needs none)")
+                if os.environ.get("VMFORGE_TOKEN") and (
+                        self.token_file or os.environ.get("VMFORGE_TOKEN_FILE")):
+                    hint += "; VMFORGE_TOKEN is set, and it goes before a token file"
                 raise TokenRefused(
                     f"the daemon at {self._where()} refused the request: "
-                    + ("wrong token" if sent else "it needs a token"),
-                    hint="set VMFORGE_TOKEN, or --token-file / VMFORGE_TOKEN_FILE, to the "
-                         "content of the daemon's --token-file (a unix socket needs none)"
-                ) from None
+                    + ("wrong token" if sent else "it needs a token"), hint=hint) from None
             if exc.status is None and exc.message.startswith(("cannot reach", "lost the")):
                 raise DaemonUnreachable(exc.message, hint=exc.hint) from None
             exc.hint = _cli_hint(exc.hint)
@@ -675,8 +678,8 @@ class RemoteManager:
                                   timeout=min(max(float(timeout or 300), 1.0), 3600.0))
         if d.get("job"):
             job = str(d["job"])
-            self._jobs[name] = job
             seen: set[tuple[Any, ...]] = set()
+            self._jobs[name] = (job, seen)
             while True:
                 with self.mapped():
                     snapshot = self.client.job(job)
@@ -690,14 +693,14 @@ class RemoteManager:
         deadline = time.monotonic() + timeout
         async with self._aclient() as c:
             job = self._jobs.pop(name, None)
-            if job is not None:
-                await self._follow_job(c, job, progress, deadline=deadline, what=name)
+            if job is not None:  # its progress says "ready"
+                await self._follow_job(c, job[0], progress, deadline=deadline, what=name,
+                                       seen=job[1])
             else:
                 await self._poll_ready(c, _name(name), deadline, timeout)
+                progress(Event(name, "ready", "ready"))
             with self.mapped():
-                rec = record_from(await c.get(name), source=self)
-        progress(Event(name, "ready", "ready"))
-        return rec
+                return record_from(await c.get(name), source=self)
 
     async def _poll_ready(self, c: AsyncClient, name: str, deadline: float,
                           timeout: float) -> None:
@@ -751,8 +754,9 @@ class RemoteManager:
         return job.get("state") != "running"
 
     async def _follow_job(self, c: AsyncClient, job: str, progress: Progress, *,
-                          deadline: float | None = None, what: str = "") -> dict[str, Any]:
-        seen: set[tuple[Any, ...]] = set()
+                          deadline: float | None = None, what: str = "",
+                          seen: set[tuple[Any, ...]] | None = None) -> dict[str, Any]:
+        seen = set() if seen is None else seen
         while True:
             with self.mapped():
                 snapshot = await c.job(job)
