@@ -203,6 +203,10 @@ def _take(args: list[str], i: int) -> str:
     return args[i + 1]
 
 
+_EXEC_VALUED = {"-e": "env", "--env": "env", "-w": "cwd", "--cwd": "cwd",
+                "--timeout": "timeout"}
+
+
 def _parse_exec(args: list[str]) -> dict[str, Any]:
     opts: dict[str, Any] = {"env": []}
     i = 0
@@ -216,23 +220,15 @@ def _parse_exec(args: list[str]) -> dict[str, Any]:
             opts["interactive"] = opts["tty"] = True
         elif a == "--shell":
             opts["shell"] = True
-        elif a in ("-e", "--env", "-w", "--cwd", "--timeout"):
-            value = _take(args, i)
-            i += 1
-            if a in ("-e", "--env"):
+        elif a.partition("=")[0] in _EXEC_VALUED:
+            key, eq, value = a.partition("=")
+            if not eq:
+                value = _take(args, i)
+                i += 1
+            name = _EXEC_VALUED[key]
+            if name == "env":
                 opts["env"].append(value)
-            elif a in ("-w", "--cwd"):
-                opts["cwd"] = value
-            else:
-                try:
-                    opts["timeout"] = float(value)
-                except ValueError:
-                    raise _Fallback from None
-        elif a.startswith(("--env=", "--cwd=", "--timeout=")):
-            key, _, value = a[2:].partition("=")
-            if key == "env":
-                opts["env"].append(value)
-            elif key == "cwd":
+            elif name == "cwd":
                 opts["cwd"] = value
             else:
                 try:

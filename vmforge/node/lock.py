@@ -6,7 +6,6 @@ row was left by a dead process rather than one still at work.
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import os
 import time
@@ -70,24 +69,24 @@ class VmLock:
         except OSError:
             return "?"
 
+    def _busy(self) -> InvalidState:
+        return InvalidState(f"VM {self.name} is busy: another vmforge process (pid "
+                            f"{self.holder()}) is working on it",
+                            hint="wait for it to finish, or stop that process")
+
     def acquire(self, timeout: float | None = None) -> None:
-        timeout = _timeout(timeout)
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + _timeout(timeout)
         while not self.try_acquire():
             if time.monotonic() > deadline:
-                raise InvalidState(f"VM {self.name} is busy: another vmforge process (pid "
-                                   f"{self.holder()}) is working on it",
-                                   hint="wait for it to finish, or stop that process")
+                raise self._busy()
             time.sleep(0.05)
 
     async def acquire_async(self, timeout: float | None = None) -> None:
-        timeout = _timeout(timeout)
-        deadline = time.monotonic() + timeout
+        import asyncio
+        deadline = time.monotonic() + _timeout(timeout)
         while not self.try_acquire():
             if time.monotonic() > deadline:
-                raise InvalidState(f"VM {self.name} is busy: another vmforge process (pid "
-                                   f"{self.holder()}) is working on it",
-                                   hint="wait for it to finish, or stop that process")
+                raise self._busy()
             await asyncio.sleep(0.05)
 
     def release(self, *, unlink: bool = False) -> None:
