@@ -158,6 +158,27 @@ def test_cross_origin_requests_are_refused(client: TestClient) -> None:
     assert r.status_code == 403 and "set-cookie" not in r.headers
 
 
+def test_websocket_exec_with_the_cookie_only_from_this_origin(client: TestClient) -> None:
+    from starlette.websockets import WebSocketDisconnect
+    login(client)
+    with pytest.raises(WebSocketDisconnect) as info:
+        with client.websocket_connect("/v1/vms/web-1/exec/ws",
+                                      headers={"Origin": "http://evil.example"}) as ws:
+            ws.receive_text()
+    assert info.value.code == 1008
+    # same origin: the session is the credential (the VM does not exist: an error message)
+    with client.websocket_connect("/v1/vms/web-1/exec/ws",
+                                  headers={"Origin": "http://testserver"}) as ws:
+        ws.send_text('{"argv": ["true"]}')
+        reply = ws.receive_json()
+    assert reply["error"]["error"] == "VmNotFound"
+    fresh = TestClient(client.app)
+    with pytest.raises(WebSocketDisconnect) as info:  # no cookie, no token: refused
+        with fresh.websocket_connect("/v1/vms/web-1/exec/ws") as ws:
+            ws.receive_text()
+    assert info.value.code == 1008
+
+
 def test_bearer_token_needs_no_csrf(client: TestClient) -> None:
     r = client.post("/v1/validate", json={}, headers={"Authorization": f"Bearer {TOKEN}"})
     assert r.status_code == 200
@@ -375,3 +396,26 @@ def test_openapi_lists_the_new_endpoints_but_no_pages(client: TestClient) -> Non
     paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/validate" in paths and "/v1/vms/{name}/timeline" in paths
     assert not any(p in paths for p in ("/", "/login", "/logout", "/create", "/images"))
+
+
+@pytest.mark.parametrize("body", [
+    {"request": {"name": "a", "spec": {"cloud_init": ["x"]}}},
+    {"request": {"name": "a", "spec": {"cloud_init": {"user_data": 7}}}},
+    {"request": {"name": "a", "spec": {"disks": [{"id": "d", "backing_file": "\u0000x"}]}}},
+    {"request": {"name": "a", "spec": {"cdroms": [{"id": "c", "iso_path": "/dev/null"}]}}},
+    {"request": {"spec": None}},
+    {"document": "- just\n- a list\n"},
+    {"document": "a: &x [*x]\n"},
+    {"document": "{}", "request": {"name": "a"}},
+    {"user_data": "\u001f\u008b not gzip"},
+    {"network_config": "network: {version: 1, config: [{}]}"},
+    {"meta_data": "[1, 2]"},
+    {"vendor_data": "#!/bin/sh\necho hi\n"},
+])
+def test_validate_answers_odd_input_with_problems_not_500(client: TestClient,
+                                                          body: dict[str, Any]) -> None:
+    r = client.post("/v1/validate", headers=AUTH, json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert out["ok"] is (body == {"vendor_data": "#!/bin/sh\necho hi\n"}), out
+    assert all(e["message"] for e in out["errors"])

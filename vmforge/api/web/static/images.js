@@ -10,6 +10,7 @@ const $ = (id) => document.getElementById(id);
 const tbody = document.querySelector('#images tbody');
 const errorBox = $('error');
 const jobs = new Map(); // id -> { box, bar, pct, msg, job }
+const rows = new Map(); // ref -> { key, tr }
 
 // ---------------------------------------------------------------- library
 async function loadImages() {
@@ -22,8 +23,24 @@ async function loadImages() {
   }
   const details = await Promise.all(list.map((i) => api(`/v1/images/${encodeURIComponent(i.ref)}`).catch(() => i)));
   details.sort((a, b) => a.name.localeCompare(b.name) || b.version - a.version);
-  tbody.textContent = '';
-  for (const img of details) tbody.append(row(img));
+  // Rows are replaced only when their image changed: focus and references stay put.
+  const keep = new Map();
+  for (const img of details) {
+    const key = JSON.stringify(img);
+    const old = rows.get(img.ref);
+    keep.set(img.ref, old && old.key === key ? old : { key, tr: row(img) });
+  }
+  for (const [ref, r] of rows) {
+    if (!keep.has(ref)) r.tr.remove();
+    else if (keep.get(ref) !== r) r.tr.replaceWith(keep.get(ref).tr);
+  }
+  let at = tbody.firstChild;
+  for (const img of details) {
+    const r = keep.get(img.ref);
+    if (r.tr !== at) tbody.insertBefore(r.tr, at); else at = at.nextSibling;
+  }
+  rows.clear();
+  for (const [ref, r] of keep) rows.set(ref, r);
   $('empty').hidden = details.length > 0;
 }
 
@@ -37,7 +54,8 @@ function row(img) {
   for (const vm of img.used_by_vms || []) {
     users.append(el('a', { href: `/vms/${encodeURIComponent(vm)}`, text: vm }), ' ');
   }
-  if (!users.childNodes.length) users.append(el('span', { class: 'muted', text: 'no VM' }));
+  for (const child of img.child_images || []) users.append(el('span', { text: `image ${child}` }), ' ');
+  if (!users.childNodes.length) users.append(el('span', { class: 'muted', text: 'nothing' }));
   const del = el('button', { type: 'button', class: 'danger', text: 'Delete', 'aria-label': `Delete image ${img.ref}`,
                              onclick: () => remove(img) });
   return el('tr', { dataset: { ref: img.ref } },
@@ -81,6 +99,7 @@ function jobBox(job) {
   const box = el('div', { class: 'job', dataset: { job: job.id, state: 'running' } },
     el('div', {}, el('strong', { text: title })), bar, pct, msg);
   $('jobs').prepend(box);
+  box.scrollIntoView({ block: 'nearest' });
   j = { box, bar, pct, msg, job };
   jobs.set(job.id, j);
   return j;

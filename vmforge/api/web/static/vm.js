@@ -84,6 +84,9 @@ async function act(verb) {
   };
   const [q, label, danger] = asks[verb];
   if (!await confirmAction(q, label, { danger })) return;
+  const buttons = [...document.querySelectorAll('#vm-actions button')];
+  buttons.forEach((b) => { b.disabled = true; });
+  $('vm-state').textContent = { start: 'starting…', stop: 'stopping…', kill: 'killing…', delete: 'deleting…' }[verb];
   try {
     if (verb === 'start') await api(`/v1/vms/${N}/start?wait=none`, { method: 'POST' });
     else if (verb === 'stop') await api(`/v1/vms/${N}/stop?timeout=30`, { method: 'POST' });
@@ -94,9 +97,11 @@ async function act(verb) {
       return;
     }
     announce(`${label}: done`);
-    await load();
   } catch (e) {
     showError(errorBox, e);
+  } finally {
+    buttons.forEach((b) => { b.disabled = false; });
+    if (!gone) await load();
   }
 }
 for (const verb of ['start', 'stop', 'kill', 'delete']) $(`btn-${verb}`).addEventListener('click', () => act(verb));

@@ -51,11 +51,13 @@ function makeRow(name) {
   return { tr, cells, buttons, rec: null };
 }
 
-function setState(row, state, ready) {
+function setState(row, state, ready, error) {
   const c = row.cells.state;
   c.textContent = '';
-  c.append(el('span', { class: 'state', dataset: { state }, text: state }));
-  if (ready && state === 'running') c.append(el('span', { class: 'badge', text: 'ready' }));
+  const box = el('div', {}, el('span', { class: 'state', dataset: { state }, text: state }));
+  if (ready && state === 'running') box.append(el('span', { class: 'badge', text: 'ready' }));
+  if (error) box.append(el('div', { class: 'help', text: error.slice(0, 200) }));
+  c.append(box);
   row.tr.dataset.state = state;
   row.tr.dataset.ready = ready && state === 'running' ? 'true' : 'false';
   const b = row.buttons;
@@ -74,7 +76,8 @@ function render(rec) {
   }
   row.rec = rec;
   const c = row.cells;
-  setState(row, rec.state, Boolean(rec.ready_at));
+  setState(row, rec.state, Boolean(rec.ready_at),
+           ['crashed', 'broken', 'stopped'].includes(rec.state) ? rec.last_error : null);
   c.accel.textContent = rec.accel || '—';
   c.backend.textContent = rec.backend || '—';
   c.cpus.textContent = rec.cpu_cores ?? '—';
@@ -83,9 +86,6 @@ function render(rec) {
   c['boot-time'].textContent = rec.boot_seconds != null ? fmtDuration(rec.boot_seconds) : '—';
   c.age.textContent = fmtAge(rec.created_at);
   c.age.dataset.created = rec.created_at;
-  if (rec.last_error && ['crashed', 'broken', 'stopped'].includes(rec.state)) {
-    c.state.append(el('div', { class: 'help', text: rec.last_error.slice(0, 200) }));
-  }
   if (fresh && rec.name === created) {
     row.tr.classList.add('flash');
     announce(`VM ${rec.name} created`);
