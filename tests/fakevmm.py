@@ -80,15 +80,18 @@ class FakeVmm:
                 status, body = fake.dispatch(self.command, self.path, raw)
                 data = b"" if body is None else (body if isinstance(body, bytes)
                                                  else json.dumps(body).encode())
-                self.send_response(status)
-                if data:
-                    self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                self.wfile.flush()
-                if fake.exited.is_set():
-                    threading.Thread(target=fake.server.shutdown, daemon=True).start()
+                try:
+                    self.send_response(status)
+                    if data:
+                        self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    if data:  # no empty write: the client may have read it all and gone
+                        self.wfile.write(data)
+                    self.wfile.flush()
+                finally:
+                    if fake.exited.is_set():
+                        threading.Thread(target=fake.server.shutdown, daemon=True).start()
 
             do_GET = do_PUT = do_PATCH = do_POST = do_DELETE = _any
 
@@ -183,11 +186,13 @@ class FakeVmm:
             self.exit()
         threading.Thread(target=later, daemon=True).start()
 
-    def exit(self) -> None:
+    def exit(self, after_reply: bool = False) -> None:
+        """End the process: at once, or (a call that ends it) once its answer is written."""
         self.exited.set()
         if self.vsock_listener is not None:
             self.vsock_listener.close()
-        threading.Thread(target=self.server.shutdown, daemon=True).start()
+        if not after_reply:
+            threading.Thread(target=self.server.shutdown, daemon=True).start()
 
     def serve(self) -> int:
         self.server.serve_forever(poll_interval=0.05)
@@ -308,7 +313,7 @@ class FakeCloudHypervisor(FakeVmm):
         return 204, None
 
     def op_vmm_shutdown(self, body: Any) -> Reply:
-        self.exit()
+        self.exit(after_reply=True)
         return 204, None
 
     def op_vm_pause(self, body: Any) -> Reply:
@@ -502,6 +507,9 @@ class FakeFirecracker(FakeVmm):
 def main(binary: str, argv: list[str], *, journal: str | None = None,
          options: dict[str, Any] | None = None) -> int:
     """Parse the real binary's command line and serve until the "guest" or a call ends it."""
+    if (options or {}).get("fail_at_start"):  # e.g. no KVM: the real VMMs exit at once
+        print(f"Error: {binary} (stand-in): told to fail at start", file=sys.stderr)
+        return 1
     fake: FakeVmm
     if binary == "cloud-hypervisor":
         value = argv[argv.index("--api-socket") + 1]

@@ -203,7 +203,7 @@ class ApiVmmDriver(Driver):
             for req in requests:
                 self._send(rt, req, what="start", argv=argv)
         except BaseException:
-            kill_pid(pid, api)
+            _kill_child(pid)
             self._remove_sockets(plan.run_dir)
             pidfile.unlink(missing_ok=True)
             raise
@@ -213,7 +213,9 @@ class ApiVmmDriver(Driver):
         deadline = time.monotonic() + START_TIMEOUT
         ping = self.ping_request()
         while True:
-            if not pid_alive(rt.pid, rt.marker):
+            # Our own child, just spawned: its pid alone says whether it runs (its command
+            # line, the marker, is briefly empty while it is still inside execve).
+            if not pid_alive(rt.pid):
                 raise LaunchError(f"{self.binary_name} exited as it started: "
                                   f"{self._out_tail(rt)}", argv=argv,
                                   hint=f"see {rt.extra.get('log')}")
@@ -308,10 +310,10 @@ class ApiVmmDriver(Driver):
                 pass
             try:
                 await self.quit(rt)
-                if await _wait_gone(pid, marker, 3):
-                    return StopOutcome.QUIT
-            except OSError:
+            except OSError:  # a VMM that exits as it answers may not finish the answer
                 pass
+            if await _wait_gone(pid, marker, 3):
+                return StopOutcome.QUIT
         await asyncio.to_thread(kill_pid, pid, marker)
         return StopOutcome.KILLED
 
@@ -345,6 +347,18 @@ async def _wait_gone(pid: int, marker: str | None, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.02)
     return not pid_alive(pid, marker)
+
+
+def _kill_child(pid: int, timeout: float = 10.0) -> None:
+    """SIGKILL a VMM we just spawned and wait until it is gone. Not ``kill_pid``: that checks
+    the marker on the command line, which a child still inside execve does not show yet."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while Path(f"/proc/{pid}").exists() and pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def sigterm(pid: int | None, marker: str | None) -> None:

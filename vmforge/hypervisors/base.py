@@ -11,16 +11,16 @@ from __future__ import annotations
 import enum
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..enums import Backend, DiskFormat, Firmware, Machine
 
 __all__ = ["Backend", "Accel", "Liveness", "StopOutcome", "EndpointKind", "AgentEndpoint",
            "Capabilities", "Runtime", "ApiRequest", "Rendered", "BackendStatus", "Driver",
-           "AGENT_PORT_NAME", "AGENT_VSOCK_PORT"]
+           "AGENT_PORT_NAME", "AGENT_VSOCK_PORT", "SavesState"]
 
 AGENT_PORT_NAME = "org.vmforge.agent.0"
 AGENT_VSOCK_PORT = 1024
@@ -94,6 +94,9 @@ class Capabilities:
     firmware_boot: bool = True
     survives_vmforge: bool = True  # the VM outlives the process that started it
     mounts: bool = True  # host directories shared into the guest (virtio-9p)
+    # Memory snapshots, clones and warm pools (vmforge.node.snapshots): the driver saves a
+    # running VM's state to a file and starts a VM from one.
+    snapshots: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {"backend": self.backend.value,
@@ -105,7 +108,8 @@ class Capabilities:
                 "user_net_forwards": self.user_net_forwards,
                 "direct_kernel_boot": self.direct_kernel_boot,
                 "firmware_boot": self.firmware_boot,
-                "survives_vmforge": self.survives_vmforge, "mounts": self.mounts}
+                "survives_vmforge": self.survives_vmforge, "mounts": self.mounts,
+                "snapshots": self.snapshots}
 
 
 @dataclass(frozen=True)
@@ -209,3 +213,44 @@ class Driver(ABC):
     @abstractmethod
     def cleanup(self, rt: Runtime | None, name: str, vm_dir: Path) -> None:
         """Remove what the backend keeps outside ``vm_dir`` (domain, NVRAM, sockets)."""
+
+
+@runtime_checkable
+class SavesState(Protocol):
+    """Optional: memory snapshots through a state file, for ``vmforge.node.snapshots``
+    (drivers that have it declare ``Capabilities.snapshots``). Disks are named by their
+    drive id (the spec's disk id)."""
+
+    def save_state(self, rt: Runtime, dest: Path, timeout: float) -> None:
+        """Pause and write memory and device state to ``dest``; the VM stays paused."""
+
+    def top_nodes(self, rt: Runtime) -> dict[str, str]:
+        """An id of each disk's current top image (changes when ``switch_disks`` did)."""
+
+    def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
+        """Write each disk to its new overlay (made by the caller over the old top)."""
+
+    def rebase_disk(self, rt: Runtime, disk: str, backing: str) -> None:
+        """Name ``backing`` as the backing file of the disk's top image."""
+
+    def resume(self, rt: Runtime) -> None: ...
+
+    def quit(self, rt: Runtime) -> None:
+        """End the (paused, saved) VM's process; returns once it is gone."""
+
+    def run_state(self, rt: Runtime) -> str: ...
+
+    def cancel_save(self, rt: Runtime) -> None: ...
+
+    def incoming(self, state: Path) -> str:
+        """``MachinePlan.incoming`` for a start from ``state``."""
+
+    def wait_restored(self, rt: Runtime, vm_dir: Path, timeout: float) -> float:
+        """After such a start: until the state is loaded (paused); raises with the
+        hypervisor's reason when it could not load it."""
+
+    def state_info(self, state: Path) -> dict[str, Any]:
+        """What the state file says about itself (format, machine type); raises if it is
+        not one."""
+
+    def generation_id(self, rt: Runtime) -> str | None: ...

@@ -99,3 +99,9 @@ class MachinePlan:
     agent: AgentPlan | None = None
     net_bootindex: int | None = None  # PXE from the first NIC at this place in the order
     mounts: tuple[MountPlan, ...] = ()
+    # The VM generation id (QEMU's vmgenid device): "auto" (a new one per start) or a GUID;
+    # a restored clone gets a new one, which tells its kernel to reseed its random pool.
+    vmgenid: str | None = None
+    # Start from a saved state instead of booting (QEMU's -incoming URI, e.g. "exec:cat F"):
+    # the device set must be the saved VM's; the guest waits paused for the host's cont.
+    incoming: str | None = None

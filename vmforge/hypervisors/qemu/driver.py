@@ -12,7 +12,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +133,8 @@ class QemuDriver(Driver):
         return Capabilities(
             backend=Backend.QEMU, machines=frozenset(Machine), firmware=frozenset(Firmware),
             disk_formats=frozenset(DiskFormat), cdroms=True, needs_kvm=False,
-            agent_transports=frozenset({"virtio-serial", "vsock"}), user_net_forwards=True)
+            agent_transports=frozenset({"virtio-serial", "vsock"}), user_net_forwards=True,
+            snapshots=True)
 
     def render(self, plan: MachinePlan, host: HostFacts) -> Rendered:
         return Rendered(argv=qemu_argv(plan, host))
@@ -240,3 +241,52 @@ class QemuDriver(Driver):
         paths = VmPaths(vm_dir)
         for sock in (paths.sockets / "qmp.sock", paths.agent):
             sock.unlink(missing_ok=True)
+
+    # -- memory snapshots (the optional SavesState protocol; qemu/snapshot.py)
+    def save_state(self, rt: Runtime, dest: Path, timeout: float) -> None:
+        from . import snapshot
+        snapshot.save_state(rt, dest, timeout)
+
+    def top_nodes(self, rt: Runtime) -> dict[str, str]:
+        from . import snapshot
+        return snapshot.top_nodes(rt)
+
+    def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
+        from . import snapshot
+        snapshot.switch_disks(rt, overlays)
+
+    def rebase_disk(self, rt: Runtime, disk: str, backing: str) -> None:
+        from . import snapshot
+        snapshot.rebase_disk(rt, disk, backing)
+
+    def resume(self, rt: Runtime) -> None:
+        from . import snapshot
+        snapshot.resume(rt)
+
+    def quit(self, rt: Runtime) -> None:
+        from . import snapshot
+        snapshot.quit_and_wait(rt)
+
+    def run_state(self, rt: Runtime) -> str:
+        from . import snapshot
+        return snapshot.run_state(rt)
+
+    def cancel_save(self, rt: Runtime) -> None:
+        from . import snapshot
+        snapshot.cancel_save(rt)
+
+    def incoming(self, state: Path) -> str:
+        from . import snapshot
+        return snapshot.incoming_uri(state)
+
+    def wait_restored(self, rt: Runtime, vm_dir: Path, timeout: float) -> float:
+        from . import snapshot
+        return snapshot.wait_restored(rt, vm_dir, timeout)
+
+    def state_info(self, state: Path) -> dict[str, Any]:
+        from . import snapshot
+        return snapshot.read_state_header(state)
+
+    def generation_id(self, rt: Runtime) -> str | None:
+        from . import snapshot
+        return snapshot.generation_id(rt)

@@ -14,7 +14,7 @@ from ..host import HostFacts
 from ..plan import AGENT_PORT_NAME, MachinePlan
 
 __all__ = ["qemu_argv", "machine_args", "virtio_device", "kernel_cmdline", "qmp_socket",
-           "pidfile"]
+           "pidfile", "qemu_log"]
 
 
 def qmp_socket(plan_run_dir: str) -> str:
@@ -23,6 +23,10 @@ def qmp_socket(plan_run_dir: str) -> str:
 
 def pidfile(vm_dir: str) -> str:
     return str(Path(vm_dir) / "qemu.pid")
+
+
+def qemu_log(vm_dir: str) -> str:
+    return str(Path(vm_dir) / "qemu.log")
 
 _MICROVM = "microvm,x-option-roms=off,rtc=on,isa-serial=on,pit=on,pic=on"
 
@@ -127,4 +131,10 @@ def qemu_argv(plan: MachinePlan, host: HostFacts) -> list[str]:
         # The guest reports a kernel panic to QEMU (GUEST_PANICKED on QMP): a supervisor can
         # then tell a panic from a power-off. microvm has no ISA bus for it.
         argv += ["-device", "pvpanic"]
+        if plan.vmgenid:  # microvm builds no ACPI table for it
+            argv += ["-device", f"vmgenid,id=vmgenid0,guid={plan.vmgenid}"]
+    if plan.incoming:
+        # Load a saved state, then wait paused for `cont`; QEMU's own reason for a failed
+        # load goes to the log (a daemonized QEMU's stderr is /dev/null).
+        argv += ["-incoming", plan.incoming, "-S", "-D", qemu_log(plan.vm_dir)]
     return argv
