@@ -147,3 +147,27 @@ def test_plan_for_libvirt_gives_domain_xml_without_a_daemon(tmp_path: Path,
     assert p["backend"] == "libvirt" and "argv" not in p
     assert p["domain_xml"].startswith("<domain") and "<name>p2</name>" in p["domain_xml"]
     assert "org.vmforge.agent.0" in p["domain_xml"]
+
+
+def test_kvm_only_backends_are_refused_at_create_where_kvm_does_not_work(tmp_path: Path
+                                                                         ) -> None:
+    m, _ = _manager(tmp_path)
+    for backend in ("cloud-hypervisor", "firecracker"):
+        req = parse_request({"name": "k1", "spec": {"hypervisor": backend, "machine": "microvm",
+                                                    "kernel": {"image": "minimal"}}})
+        with pytest.raises(HostError, match=f"{backend} runs on KVM only"):
+            m.create(req)
+        assert m.vms() == [] and not (m.data.vms / "k1").exists()
+        assert m.plan(req)["backend"] == backend  # planning needs no KVM
+
+
+def test_firmware_boot_is_refused_where_the_backend_has_none() -> None:
+    caps = Capabilities(backend=Backend.FIRECRACKER, machines=frozenset({Machine.MICROVM}),
+                        firmware=frozenset({Firmware.BIOS}),
+                        disk_formats=frozenset({DiskFormat.RAW}), cdroms=False, needs_kvm=True,
+                        agent_transports=frozenset({"hybrid-vsock"}), user_net_forwards=False,
+                        firmware_boot=False)
+    req = parse_request({"name": "vm1", "spec": {"machine": "microvm", "disks": [
+        {"id": "root", "size_gib": 1, "format": "raw", "bootable": True}]}})
+    with pytest.raises(SpecError, match="spec.kernel: firecracker boots a kernel directly only"):
+        planmod.check_capabilities(req, caps)

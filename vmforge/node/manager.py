@@ -427,6 +427,9 @@ class VmManager:
         if rec.state is VmState.DELETING:
             self._finish_delete(rec)
             return None
+        if rec.state in (VmState.SNAPSHOTTING, VmState.RESTORING):
+            from .snapshots import recover  # its journal says what to finish or undo
+            return recover(self, rec)
         try:
             live, rt = self._liveness(rec)
         except HostError:  # cannot tell now (the backend does not answer): next time
@@ -529,7 +532,8 @@ class VmManager:
         ``schema_check=False`` skips cloud-init's schemas (YAML and sizes are still checked).
         """
         from . import plan as planmod
-        drv, inputs, _accel, _why = self._checked(req, None)
+        drv, inputs, accel, why = self._checked(req, None)
+        _require_kvm(drv, accel, why)
         host = self.host()
         nets = self._nets(req)
         final = self.data.vms / req.name
@@ -617,6 +621,7 @@ class VmManager:
             inputs = planmod.pinned_inputs(req, self.library, self._pins(name))
             host = self.host()
             accel, why = self.accel_for(req, host)
+            _require_kvm(drv, accel, why)
             if accel is Accel.TCG and req.spec.accel != "tcg":
                 progress(Event(name, "start", f"KVM unavailable ({why}); using TCG (slower)"))
             planmod.check_host(req, host)
@@ -1037,6 +1042,15 @@ class VmManager:
         async with self.agent(name) as client:
             return await provision(client, spec.provision, spec.health_checks, base_dir,
                                    adapt(progress, name, "provision"))
+
+
+def _require_kvm(drv: Driver, accel: Accel, why: str) -> None:
+    """Backends that run on KVM only (Cloud Hypervisor, Firecracker) are refused up front on a
+    host where KVM does not boot guests, instead of failing inside the VMM."""
+    if drv.capabilities().needs_kvm and accel is not Accel.KVM:
+        raise HostError(f"{drv.backend.value} runs on KVM only, and KVM does not work here: "
+                        f"{why}", hint="use hypervisor: qemu or libvirt, or a host where KVM "
+                        "works (see `vmforge doctor`)")
 
 
 def _write_private(path: Path, text: str) -> None:

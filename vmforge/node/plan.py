@@ -203,6 +203,10 @@ def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None
                         field="spec.mounts[0]", hint="use hypervisor: qemu or libvirt")
     if direct and not caps.direct_kernel_boot:
         raise SpecError(f"{name} cannot boot a kernel directly", field="spec.kernel")
+    if not direct and not caps.firmware_boot:
+        raise SpecError(f"{name} boots a kernel directly only (no firmware boot from a disk)",
+                        field="spec.kernel", hint="give kernel: {image: minimal} or a disk "
+                        "image that carries its kernel")
 
 
 def resolve_nics(req: VmRequest, nets: Mapping[str, Network] | None = None
@@ -341,7 +345,8 @@ def machine_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts
         disks=disks, cdroms=cdroms, seed=str(paths.seed) if needs_seed(req) else None,
         nics=nics, kernel=kernel,
         nvram=str(paths.uefi_vars) if spec.firmware is Firmware.UEFI else None,
-        agent=agent, net_bootindex=net_index if spec.nics else None, mounts=mount_plans(req))
+        agent=agent, net_bootindex=net_index if spec.nics else None, mounts=mount_plans(req),
+        vmgenid=None if spec.machine.value == "microvm" else "auto")
 
 
 def mount_plans(req: VmRequest) -> tuple[MountPlan, ...]:
