@@ -20,6 +20,11 @@ POINTS = (
     "wait.agent",
     "stop.stopping", "stop.agent-asked",
     "delete.deleting", "delete.killed",
+    # vmforge.node.snapshots and vmforge.node.restore
+    "snapshot.journal", "snapshot.saved", "snapshot.overlays", "snapshot.renamed",
+    "snapshot.switched", "snapshot.resumed", "snapshot.stored", "snapshot.rebased",
+    "restore.row", "restore.created", "restore.launched", "restore.resumed",
+    "restore.identity",
 )
 
 _ACTIONS = {"kill": signal.SIGKILL, "term": signal.SIGTERM, "stop": signal.SIGSTOP}

@@ -48,7 +48,7 @@ from typing import Any
 
 VERSION = "0.3.0"
 # What this agent can do beyond the calls of 0.1 (the host checks before relying on them).
-FEATURES = ("tty", "stdin_stream", "signal", "boot_timing", "mount")
+FEATURES = ("tty", "stdin_stream", "signal", "boot_timing", "mount", "identity")
 PORT_NAME = "org.vmforge.agent.0"
 VSOCK_PORT = 1024
 RS = b"\x1e"
@@ -165,7 +165,15 @@ def cloud_init_state() -> dict[str, Any]:
     return {"status": "not-started", "errors": []}
 
 
+# The VM's name after a restore from a snapshot or a rename (the ``identity`` call): the
+# kernel command line still carries the name it booted with. /run is gone after a reboot.
+IDENTITY_FILE = "/run/vmforge/id"
+
+
 def vm_id() -> str:
+    override = read_text(IDENTITY_FILE).strip()
+    if override:
+        return override
     for token in read_text("/proc/cmdline").split():
         if token.startswith("vmforge.id="):
             return token.split("=", 1)[1]
@@ -1210,6 +1218,168 @@ class Agent:
     def call_reboot(self, mid: Any) -> dict[str, Any]:
         threading.Thread(target=self._power, args=("reboot",), daemon=True).start()
         return {"accepted": True}
+
+    def call_identity(self, mid: Any, **args: Any) -> dict[str, Any]:
+        return refresh_identity(**args)
+
+
+# ---------------------------------------------------------------------------- identity
+# After a restore from a memory snapshot every clone wakes up as the VM that was saved: the
+# host's ``identity`` call makes what must be unique unique again. What cannot be refreshed
+# here (keys and random state held by running programs, the kernel command line, boot_id,
+# SSH host keys) is listed in docs/snapshots.md.
+
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207      # _IO('R', 0x07)
+
+
+def _write_file(path: str, text: str, mode: int = 0o644) -> None:
+    tmp = path + ".vmforge-tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def set_hostname(name: str) -> None:
+    old = socket.gethostname()
+    socket.sethostname(name)
+    if os.path.exists("/etc/hostname"):
+        _write_file("/etc/hostname", name + "\n")
+    hosts = read_text("/etc/hosts")
+    if hosts and old and old != name and old != "localhost":
+        lines = [" ".join(name if w == old else w for w in line.split())
+                 if not line.lstrip().startswith("#") and old in line.split() else line
+                 for line in hosts.splitlines()]
+        _write_file("/etc/hosts", "\n".join(lines) + "\n")
+
+
+def set_machine_id(machine_id: str) -> None:
+    if not re.fullmatch(r"[0-9a-f]{32}", machine_id):
+        raise ValueError(f"not a machine id: {machine_id!r}")
+    _write_file("/etc/machine-id", machine_id + "\n", 0o444)
+    dbus = "/var/lib/dbus/machine-id"
+    if os.path.isfile(dbus) and not os.path.islink(dbus):
+        _write_file(dbus, machine_id + "\n", 0o444)
+
+
+def add_entropy(data: bytes) -> bool:
+    """Mix ``data`` into the kernel's pool, credited (RNDADDENTROPY) where allowed, and
+    reseed the CRNG now; True if credited."""
+    import fcntl
+    fd = os.open("/dev/urandom", os.O_WRONLY)
+    try:
+        try:
+            fcntl.ioctl(fd, RNDADDENTROPY, struct.pack("ii", len(data) * 8, len(data)) + data)
+            credited = True
+        except OSError:
+            os.write(fd, data)
+            credited = False
+        try:
+            fcntl.ioctl(fd, RNDRESEEDCRNG)
+        except OSError:
+            pass
+    finally:
+        os.close(fd)
+    return credited
+
+
+def _procs(word: str) -> list[tuple[int, list[str]]]:
+    out = []
+    for d in glob.glob("/proc/[0-9]*/cmdline"):
+        args = read_text(d).split("\0")
+        if (args and os.path.basename(args[0]) == word) or \
+                (args[:1] == ["busybox"] and args[1:2] == [word]):
+            out.append((int(d.split("/")[2]), args))
+    return out
+
+
+def renew_dhcp(iface: str) -> str:
+    """Ask the interface's DHCP client for a new lease (its MAC changed): udhcpc, dhclient
+    or systemd-networkd; which one answered, or "none"."""
+    for pid, args in _procs("udhcpc"):
+        if iface in args:
+            os.kill(pid, signal.SIGUSR2)  # release the old lease, then ask again
+            time.sleep(0.05)
+            os.kill(pid, signal.SIGUSR1)
+            return "udhcpc"
+    for _pid, args in _procs("dhclient"):
+        if iface in args or len(args) <= 2:
+            subprocess.call(["dhclient", "-r", iface], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+            subprocess.call(["dhclient", "-nw", iface], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+            return "dhclient"
+    if os.path.isdir("/run/systemd/netif") and subprocess.call(
+            ["networkctl", "renew", iface], stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL) == 0:
+        return "systemd-networkd"
+    return "none"
+
+
+def set_mac(old: str, new: str) -> str | None:
+    """Give the interface with MAC ``old`` the MAC ``new``; its name, or None."""
+    for dev in glob.glob("/sys/class/net/*/address"):
+        if read_text(dev).strip().lower() == old.lower():
+            iface = dev.split("/")[4]
+            for argv in (["ip", "link", "set", "dev", iface, "down"],
+                         ["ip", "link", "set", "dev", iface, "address", new],
+                         ["ip", "link", "set", "dev", iface, "up"]):
+                if subprocess.call(argv, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL) != 0:
+                    raise OSError(f"{' '.join(argv)} failed")
+            return iface
+    return None
+
+
+def refresh_identity(name: str | None = None, hostname: str | None = None,
+                     machine_id: str | None = None, entropy: str | None = None,
+                     time_ns: int | None = None,
+                     nics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Make this guest a new VM: each part is tried, and reported as done or why not."""
+    done: list[str] = []
+    failed: dict[str, str] = {}
+
+    def step(what: str, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            result = fn()
+        except Exception as exc:  # reported to the host, the other parts still run
+            failed[what] = str(exc) or type(exc).__name__
+            return False, None
+        done.append(what)
+        return True, result
+    clock_offset = None
+    if time_ns is not None:  # first: the rest may log with timestamps
+        before = time.time_ns()
+        if step("clock", lambda: time.clock_settime_ns(time.CLOCK_REALTIME, time_ns))[0]:
+            clock_offset = (time_ns - before) / 1e9
+    if entropy is not None:
+        ok, credited = step("random", lambda: add_entropy(base64.b64decode(entropy)))
+        if ok and not credited:
+            failed["random-credit"] = "RNDADDENTROPY refused: mixed in without credit"
+    if name is not None:
+        def write_id() -> None:
+            os.makedirs(os.path.dirname(IDENTITY_FILE), exist_ok=True)
+            _write_file(IDENTITY_FILE, name + "\n")
+        step("name", write_id)
+    if hostname is not None:
+        step("hostname", lambda: set_hostname(hostname))
+    if machine_id is not None:
+        step("machine-id", lambda: set_machine_id(machine_id))
+    for nic in nics or []:
+        old, new = str(nic.get("old_mac", "")), str(nic.get("mac", ""))
+        if old.lower() == new.lower():
+            continue
+
+        def change(o: str = old, n: str = new) -> str | None:
+            return set_mac(o, n)
+        iface = step(f"nic {new}", change)[1]
+        if iface and nic.get("dhcp"):
+            def renew(i: str = iface) -> str:
+                return renew_dhcp(i)
+            step(f"dhcp {iface}", renew)
+    return {"refreshed": done, "failed": failed, "clock_offset": clock_offset,
+            "vm_id": vm_id(), "hostname": socket.gethostname()}
 
 
 # ---------------------------------------------------------------------------- transports

@@ -213,6 +213,8 @@ def create_app(manager: VmManager, token: str | None = None, *, supervise: bool 
         app.include_router(module.router, prefix="/v1", dependencies=deps,
                            responses=ERRORS)
     app.include_router(guest.ws_router, prefix="/v1")
+    from .pools import router as pools_router  # warm pools (vmforge.node.pools)
+    app.include_router(pools_router, prefix="/v1", dependencies=deps, responses=ERRORS)
     web.install(app)  # the console at / (login, pages, static files, session cookies)
     return app
 

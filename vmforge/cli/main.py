@@ -101,9 +101,13 @@ def create(
 
 @app.command("run")
 def run_cmd(
-    spec: Annotated[Path, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")],
+    spec: Annotated[Path | None, typer.Option("-f", "--file", help="VM spec (YAML or JSON).")]
+    = None,
     name: Annotated[list[str] | None, typer.Option("--name", "-n",
                     help="VM name (repeat to run many from one spec).")] = None,
+    from_snapshot: Annotated[str | None, typer.Option(
+        "--from-snapshot", help="Restore this snapshot (memory and disks) as each --name "
+        "instead of booting a spec.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for ready.")] = 300,
     keep: Annotated[bool, typer.Option("--keep-on-failure",
                     help="Leave a VM that failed to boot or provision, for debugging.")]
@@ -113,6 +117,10 @@ def run_cmd(
 ) -> None:
     """Create, start, wait until ready (agent hello) and provision; print the time to ready."""
     with errors_reported():
+        if from_snapshot is not None or spec is None:  # vmforge.cli.snapshots
+            from .snapshots import from_snapshot_run
+            from_snapshot_run(spec, from_snapshot, name, timeout, json_out)
+            return
         reqs = _requests(spec, name)
         m = manager()
         recs = []
@@ -489,6 +497,7 @@ def _register_images() -> None:
     from .timeline import register_timeline; register_timeline(app)  # noqa: E702, I001
     from .launch import register_launch; register_launch(app)  # noqa: E702, I001
     from .network import network_app; app.add_typer(network_app, name="network")  # noqa: E702, I001
+    from .snapshots import register_snapshots; register_snapshots(app)  # noqa: E702, I001
 
 
 _register_images()

@@ -37,10 +37,21 @@ from ..errors import ChecksumError, ImageError
 from ..state import Database
 
 __all__ = ["Library", "Image", "BlobCheck", "parse_ref", "check_name", "sha256_file",
-           "os_error", "private_dir", "private_opener"]
+           "os_error", "private_dir", "private_opener", "valid_role", "SNAPSHOT_KIND",
+           "SNAPSHOT_ROLES", "LAYER_ROLE"]
 
 REF_RE = re.compile(r"^(?P<name>[a-zA-Z0-9][a-zA-Z0-9._-]{0,62})(?::(?P<ver>\d+|latest))?$")
 ROLES = ("disk", "kernel", "vmlinux", "initrd")
+# A snapshot (kind "snapshot", vmforge.node.snapshots) stores its saved memory and device
+# state, the UEFI variable store, and one read-only disk layer per disk ("layer:<disk id>").
+SNAPSHOT_ROLES = ("state", "nvram")
+LAYER_ROLE = "layer:"
+SNAPSHOT_KIND = "snapshot"
+
+
+def valid_role(role: str) -> bool:
+    return role in ROLES or role in SNAPSHOT_ROLES or (
+        role.startswith(LAYER_ROLE) and len(role) > len(LAYER_ROLE))
 CHUNK = 1 << 20
 
 Stamp = tuple[int, int]  # (size, mtime_ns) of a stored file, recorded with the image
@@ -114,6 +125,15 @@ def _entries(files_json: str) -> Entries:
 def _files_json(entries: Entries) -> str:
     return json.dumps({role: {"sha256": d, "size": s[0], "mtime_ns": s[1]} if s else d
                        for role, (d, s) in entries.items()})
+
+
+def _uses(recipe: str | None) -> list[int]:
+    """The image ids a snapshot's recipe says it builds on (vmforge.node.snapshots)."""
+    try:
+        uses = (json.loads(recipe or "null") or {}).get("uses") or []
+    except (ValueError, AttributeError):
+        return []
+    return [int(i) for i in uses if isinstance(i, int)]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -351,7 +371,7 @@ class Library:
                 record: Callable[[sqlite3.Connection, Entries], int]) -> Image:
         """Store ``files`` and record them with ``record`` in one transaction; on any failure
         the files this call added to the store are removed again."""
-        unknown = set(files) - set(ROLES)
+        unknown = {r for r in files if not valid_role(r)}
         if unknown:
             raise ImageError(f"unknown file roles: {sorted(unknown)}")
         created: list[str] = []
@@ -389,12 +409,20 @@ class Library:
             format: str | None = None, cmdline: str | None = None,
             parent: Image | None = None, source: str | None = None,
             recipe: Mapping[str, Any] | None = None, virtual_size: int | None = None,
-            move: bool = False, sha256: Mapping[str, str] | None = None) -> Image:
+            move: bool = False, sha256: Mapping[str, str] | None = None,
+            on_record: Callable[[sqlite3.Connection, int], None] | None = None) -> Image:
         """Store ``files`` (role -> path) as the next version of ``name``. ``sha256`` (role ->
-        digest) is checked against the bytes as they are stored."""
+        digest) is checked against the bytes as they are stored. ``on_record(c, image_id)``
+        runs in the transaction that records the image (e.g. pins it to a VM)."""
         check_name(name)
 
         def record(c: sqlite3.Connection, entries: Entries) -> int:
+            kinds = {r[0] for r in c.execute("SELECT DISTINCT kind FROM images WHERE name=?",
+                                             (name,))}
+            if kinds and (kind == SNAPSHOT_KIND) != (SNAPSHOT_KIND in kinds):
+                other = "an image" if kind == SNAPSHOT_KIND else "a snapshot"
+                raise ImageError(f"{name!r} is the name of {other} already: snapshots and "
+                                 "images do not share names", hint="pick another name")
             row = c.execute("SELECT COALESCE(MAX(version), 0) FROM images WHERE name=?",
                             (name,)).fetchone()
             size = sum({d: s[0] for d, s in entries.values() if s}.values())
@@ -407,6 +435,8 @@ class Library:
                  json.dumps(recipe) if recipe is not None else None, size, virtual_size,
                  time.time()))
             assert cur.lastrowid is not None
+            if on_record is not None:
+                on_record(c, cur.lastrowid)
             return cur.lastrowid
         return self._commit(files, move, sha256, record)
 
@@ -435,13 +465,16 @@ class Library:
             return False
         return True
 
-    def check_intact(self, image: Image) -> None:
+    def check_intact(self, image: Image, roles: Callable[[str], bool] | None = None) -> None:
         """Refuse an image whose stored files changed since they were recorded: one stat per
         file, comparing size and mtime (``verify`` re-hashes). Files recorded before sizes
-        and mtimes were kept pass until a verify records them."""
+        and mtimes were kept pass until a verify records them. ``roles``: check only the
+        files whose role it accepts."""
         rows = self.db.query("SELECT files FROM images WHERE id=?", (image.id,))
         entries = _entries(rows[0][0]) if rows else {
             r: (d, image.stamps.get(r)) for r, d in image.files.items()}
+        if roles is not None:
+            entries = {r: e for r, e in entries.items() if roles(r)}
         again = (f"pull, import or build {image.name} again: storing the same content "
                  "replaces the damaged file")
         for role, (digest, stamp) in entries.items():
@@ -559,6 +592,9 @@ class Library:
                                            (img.id,))]
             kids = [f"{r[0]}:{r[1]}" for r in c.execute(
                 "SELECT name, version FROM images WHERE parent_id=?", (img.id,))]
+            kids += [f"{r[0]}:{r[1]}" for r in c.execute(  # snapshots build on all they use
+                "SELECT name, version, recipe FROM images WHERE kind=? AND parent_id IS NOT ?",
+                (SNAPSHOT_KIND, img.id)) if img.id in _uses(r[2])]
             if vms or kids:
                 users = [f"VM {v}" for v in vms] + [f"image {k}" for k in kids]
                 raise ImageError(f"image {img.ref} is in use by {', '.join(users)}",

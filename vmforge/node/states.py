@@ -6,6 +6,8 @@
                                |          +-> crashed (the hypervisor died / the guest panicked)
                                +-> stopped (start failed or its starter died before QEMU ran)
     created | stopped | crashed -> starting
+    running -> snapshotting -> running | stopped        (vmforge.node.snapshots)
+    creating -> restoring -> running | (row removed)    (a clone from a saved state)
     any (with rm -f for running ones) -> deleting -> (row removed)
 
 ``broken`` is never stored: it is how a row whose stored spec no longer parses is shown.
@@ -28,6 +30,8 @@ class VmState(enum.StrEnum):
     CRASHED = "crashed"
     DELETING = "deleting"
     BROKEN = "broken"
+    SNAPSHOTTING = "snapshotting"  # paused while its memory and disks are saved
+    RESTORING = "restoring"        # a clone loading a saved state; gone again if it fails
 
 
 class ExitReason(enum.StrEnum):
@@ -45,19 +49,24 @@ class ExitReason(enum.StrEnum):
 
 STARTABLE = (VmState.CREATED, VmState.STOPPED, VmState.CRASHED)
 # A hypervisor process may exist in these states.
-LIVE = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING)
+LIVE = (VmState.STARTING, VmState.RUNNING, VmState.STOPPING, VmState.SNAPSHOTTING,
+        VmState.RESTORING)
 # Held only while a vmforge process works on the VM (under its lock); found unlocked, the
 # worker died and the next command finishes or rolls back its work.
-TRANSIENT = (VmState.CREATING, VmState.STARTING, VmState.STOPPING, VmState.DELETING)
+TRANSIENT = (VmState.CREATING, VmState.STARTING, VmState.STOPPING, VmState.DELETING,
+             VmState.SNAPSHOTTING, VmState.RESTORING)
 
 TRANSITIONS: dict[VmState, tuple[VmState, ...]] = {
-    VmState.CREATING: (VmState.CREATED, VmState.DELETING),
+    VmState.CREATING: (VmState.CREATED, VmState.RESTORING, VmState.DELETING),
     VmState.CREATED: (VmState.STARTING, VmState.DELETING),
     VmState.STARTING: (VmState.RUNNING, VmState.STOPPED, VmState.DELETING),
-    VmState.RUNNING: (VmState.STOPPING, VmState.CRASHED, VmState.STOPPED, VmState.DELETING),
+    VmState.RUNNING: (VmState.STOPPING, VmState.CRASHED, VmState.STOPPED, VmState.DELETING,
+                      VmState.SNAPSHOTTING),
     VmState.STOPPING: (VmState.STOPPED, VmState.RUNNING, VmState.DELETING),
     VmState.STOPPED: (VmState.STARTING, VmState.DELETING),
     VmState.CRASHED: (VmState.STARTING, VmState.DELETING),
     VmState.DELETING: (),
     VmState.BROKEN: (VmState.DELETING,),
+    VmState.SNAPSHOTTING: (VmState.RUNNING, VmState.STOPPED, VmState.DELETING),
+    VmState.RESTORING: (VmState.RUNNING, VmState.DELETING),
 }

@@ -21,7 +21,6 @@ reconcile, which may itself run inside an event loop).
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import socket
 import struct
@@ -38,7 +37,7 @@ from .render import qemu_log
 
 __all__ = ["Qmp", "QmpError", "save_state", "switch_disks", "top_nodes", "rebase_disk",
            "resume", "run_state", "cancel_save", "wait_restored", "incoming_uri",
-           "read_state_header", "generation_id", "quit_and_wait", "remove_log"]
+           "read_state_header", "generation_id", "quit_and_wait"]
 
 QEVM_MAGIC = b"QEVM"
 QEVM_VERSION = 3
@@ -288,9 +287,3 @@ def wait_restored(rt: Runtime, vm_dir: str | Path, timeout: float = 60.0) -> flo
         if q is not None:
             q.close()
 
-
-def remove_log(vm_dir: str | Path) -> None:
-    try:
-        os.unlink(qemu_log(str(vm_dir)))
-    except FileNotFoundError:
-        pass
