@@ -3,12 +3,14 @@ outputs (flattened+compressed and layered) booted and health-checked; the base u
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
 import pytest
 
 from vmforge.builders.golden import build_golden, load_recipe
+from vmforge.errors import ImageError
 from vmforge.images import qcow2
 
 from .conftest import VmHelper
@@ -32,7 +34,7 @@ def test_golden_flat_and_layered(vms: VmHelper, debian_image: str, repo_root: Pa
     before = sha256(base_disk)
     recipe, base_dir = load_recipe(repo_root / "examples/golden/recipe.yaml")
     recipe = recipe.model_copy(update={"base": debian_image, "name": "gold"})
-    flat, layered = build_golden(vms.manager, recipe, base_dir)
+    flat, layered = asyncio.run(build_golden(vms.manager, recipe, base_dir))
     assert (flat.ref, layered.ref) == ("gold:1", "gold-layered:1")
     assert sha256(base_disk) == before  # the base is unchanged
     assert lib.lineage(flat) == [base.ref] and lib.lineage(layered) == [base.ref]
@@ -61,7 +63,7 @@ def test_golden_flat_and_layered(vms: VmHelper, debian_image: str, repo_root: Pa
 
     # Sealed: no machine-id and no SSH host keys inside the stored image itself.
     assert_sealed(flat.path("disk"), vms)  # type: ignore[arg-type]
-    with pytest.raises(Exception, match="in use"):
+    with pytest.raises(ImageError, match="in use"):
         lib.remove(base.ref)
 
 
