@@ -98,22 +98,22 @@ def test_minimal_on_both_backends_then_crash_and_rm(vf: Vf, tmp_path: Path) -> N
 def test_vmforge_killed_mid_run_under_libvirt(vf: Vf, tmp_path: Path) -> None:
     """libvirt owns the domain: vmforge dying mid-run stops nothing, and the next command
     finds the domain and makes the state agree with it."""
-    spec = spec_file(tmp_path, "lv-crash", "libvirt",
+    spec = spec_file(tmp_path, "lvm-crash", "libvirt",
                      {"memory_mib": 256, "kernel": {"image": "minimal"}})
     for point, expect in (("start.recorded", "stopped"), ("start.launched", "running"),
                           ("wait.agent", "running")):
         res = vf("run", "-f", str(spec), failpoint=f"{point}:kill")
         assert res.returncode != 0
-        row = vf.state("lv-crash")
+        row = vf.state("lvm-crash")
         assert row.get("state") == expect, (point, row)
-        active = "running" in vf.virsh("domstate", "lv-crash").stdout
+        active = "running" in vf.virsh("domstate", "lvm-crash").stdout
         assert active == (expect == "running"), point
         if expect == "running":  # usable as it is, and not started twice
-            assert vf.ok("exec", "lv-crash", "--", "true") == ""
-            res = vf("start", "lv-crash")
+            assert vf.ok("exec", "lvm-crash", "--", "true") == ""
+            res = vf("start", "lvm-crash")
             assert res.returncode != 0 and "running" in res.stderr
-        vf.ok("rm", "-f", "lv-crash")
-        nothing_left(vf, "lv-crash")
+        vf.ok("rm", "-f", "lvm-crash")
+        nothing_left(vf, "lvm-crash")
 
 
 def test_cloud_image_with_cloud_init_under_libvirt(vf: Vf, debian_image: str,
@@ -123,7 +123,7 @@ def test_cloud_image_with_cloud_init_under_libvirt(vf: Vf, debian_image: str,
         "#cloud-config", "hostname: lvcloud", "users:", "  - name: alice",
         "    shell: /bin/bash", f"    ssh_authorized_keys: ['{pub}']",
         "write_files:", "  - {path: /etc/vmforge-test, content: written by cloud-init}", ""])
-    spec = spec_file(tmp_path, "lv-cloud", "libvirt", {
+    spec = spec_file(tmp_path, "lvm-cloud", "libvirt", {
         "cpu_cores": 2, "memory_mib": 1024,
         "disks": [{"id": "root", "size_gib": 4, "bootable": True, "image": debian_image}],
         "cloud_init": {"user_data": user_data}})
@@ -132,13 +132,13 @@ def test_cloud_image_with_cloud_init_under_libvirt(vf: Vf, debian_image: str,
         assert rec["state"] == "running" and rec["backend"] == "libvirt"
 
         def sh(cmd: str) -> str:
-            return vf.ok("exec", "lv-cloud", "--", "sh", "-c", cmd)
+            return vf.ok("exec", "lvm-cloud", "--", "sh", "-c", cmd)
         assert "status: done" in sh("cloud-init status --long")
         assert sh("hostname").strip() == "lvcloud"
         assert pub in sh("cat /home/alice/.ssh/authorized_keys")
         assert sh("cat /etc/vmforge-test") == "written by cloud-init"
-        xml = vf.virsh("dumpxml", "lv-cloud").stdout
+        xml = vf.virsh("dumpxml", "lvm-cloud").stdout
         assert "disk-root.qcow2" in xml and "seed.iso" in xml
     finally:
-        vf("rm", "-f", "lv-cloud")
-    nothing_left(vf, "lv-cloud")
+        vf("rm", "-f", "lvm-cloud")
+    nothing_left(vf, "lvm-cloud")
