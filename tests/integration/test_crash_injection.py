@@ -84,8 +84,15 @@ def cli(vm_data: DataDir, tmp_path: Path) -> Iterator[Cli]:
 
 def assert_consistent(cli: Cli, name: str, *, gone: bool = False) -> None:
     """What the next commands must find after a crash."""
-    rows = cli.ls()  # the next command (it reconciles)
-    pids = cli.qemu_pids(name)
+    for _ in range(5):
+        rows = cli.ls()  # the next command (it reconciles)
+        pids = cli.qemu_pids(name)
+        row_running = rows.get(name, {}).get("state") == "running"
+        if row_running == bool(pids):
+            break
+        # A guest still powering off (its agent was asked to) may exit between the two
+        # readings: look again once it has settled; a real inconsistency persists.
+        time.sleep(1)
     assert len(pids) <= 1, f"duplicate QEMUs: {pids}"
     if name in rows:
         row = rows[name]
