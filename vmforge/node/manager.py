@@ -591,6 +591,18 @@ class VmManager:
         progress(Event(req.name, "state", VmState.CREATED.value))
         return self.get(req.name)
 
+    def _current(self, name: str) -> VmRecord:
+        """The VM as it is now, a dead worker's leftovers finished and a running row checked
+        against its process. The caller holds the VM's lock."""
+        rec = self._row(name)
+        if rec is not None and rec.state in TRANSIENT:
+            rec = self._recover(name)
+        if rec is None:
+            raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+        if rec.state is VmState.RUNNING:
+            rec = self._check_running(rec)
+        return rec
+
     def _pins(self, name: str) -> dict[str, int]:
         return {r["role"]: r["image_id"] for r in
                 self.db.query("SELECT role, image_id FROM vm_images WHERE vm_name=?", (name,))}
@@ -601,15 +613,9 @@ class VmManager:
         lock = self._lock(name)
         lock.acquire()
         try:
-            rec = self._row(name)
-            if rec is not None and rec.state in TRANSIENT:
-                rec = self._recover(name)
-            if rec is None:
-                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            rec = self._current(name)
             req = rec.req
             drv = self.driver(rec.backend)
-            if rec.state is VmState.RUNNING:
-                rec = self._check_running(rec)
             if rec.state not in STARTABLE:
                 raise InvalidState(f"VM {name} is {rec.state.value}; this needs it to be "
                                    + " or ".join(s.value for s in STARTABLE))
@@ -872,14 +878,7 @@ class VmManager:
         lock = self._lock(name)
         await lock.acquire_async()
         try:
-            rec = self._row(name)
-            if rec is not None and rec.state in TRANSIENT:
-                rec = self._recover(name)
-            if rec is None:
-                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
-            if rec.state is VmState.RUNNING:
-                rec = self._check_running(rec)
-            return await self._stop_locked(rec, timeout)
+            return await self._stop_locked(self._current(name), timeout)
         finally:
             self._settle_net(name)
             lock.release()
@@ -939,11 +938,7 @@ class VmManager:
         lock = self._lock(name)
         lock.acquire()
         try:
-            rec = self._row(name)
-            if rec is not None and rec.state in TRANSIENT:
-                rec = self._recover(name)
-            if rec is None:
-                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
+            rec = self._current(name)
             if rec.state is not VmState.RUNNING:
                 raise InvalidState(f"VM {name} is {rec.state.value}; nothing to kill")
             self._transition(name, (VmState.RUNNING,), VmState.STOPPING)
@@ -967,13 +962,7 @@ class VmManager:
         lock = self._lock(name)
         await lock.acquire_async()
         try:
-            rec = self._row(name)
-            if rec is not None and rec.state in TRANSIENT:
-                rec = self._recover(name)
-            if rec is None:
-                raise VmNotFound(f"no VM named {name!r}", hint="see `vmforge ls`")
-            if rec.state is VmState.RUNNING:
-                rec = self._check_running(rec)
+            rec = self._current(name)
             if rec.state in LIVE and not force:
                 raise InvalidState(f"VM {name} is {rec.state.value}",
                                    hint=f"stop it first or use `vmforge rm -f {name}`")
