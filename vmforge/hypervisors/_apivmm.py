@@ -43,7 +43,7 @@ from .base import (
     StopOutcome,
 )
 from .plan import MachinePlan
-from .qemu.driver import _cmdline, kill_pid, pid_alive
+from .qemu.driver import _cmdline, kill_pid, kill_runtime, pid_alive
 
 __all__ = ["ApiVmmDriver", "SupportsSnapshots", "API_TIMEOUT", "START_TIMEOUT"]
 
@@ -318,11 +318,7 @@ class ApiVmmDriver(Driver):
         return StopOutcome.KILLED
 
     def kill(self, rt: Runtime) -> StopOutcome:
-        if not pid_alive(rt.pid, rt.marker):
-            return StopOutcome.NOT_RUNNING
-        assert rt.pid is not None
-        kill_pid(rt.pid, rt.marker)
-        return StopOutcome.KILLED
+        return kill_runtime(rt)
 
     def cleanup(self, rt: Runtime | None, name: str, vm_dir: Path) -> None:
         self._remove_sockets(str(VmPaths(vm_dir).sockets))

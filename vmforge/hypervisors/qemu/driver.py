@@ -38,7 +38,8 @@ from ..host import HostFacts
 from ..plan import MachinePlan
 from .render import pidfile, qemu_argv, qmp_socket
 
-__all__ = ["QemuDriver", "pid_alive", "wait_gone", "kill_pid", "console_tail", "qmp"]
+__all__ = ["QemuDriver", "pid_alive", "wait_gone", "kill_pid", "kill_runtime", "console_tail",
+           "qmp"]
 
 POWER_OFF_MARKS = ("reboot: Power down", "System halted")
 
@@ -83,6 +84,14 @@ async def _wait_gone(pid: int, marker: str | None, timeout: float) -> bool:
             return True
         await asyncio.sleep(0.02)
     return not pid_alive(pid, marker)
+
+
+def kill_runtime(rt: Runtime) -> StopOutcome:
+    """SIGKILL a VMM process we started (QEMU, Cloud Hypervisor, Firecracker), pid-reuse safe."""
+    if rt.pid is None or not pid_alive(rt.pid, rt.marker):
+        return StopOutcome.NOT_RUNNING
+    kill_pid(rt.pid, rt.marker)
+    return StopOutcome.KILLED
 
 
 def kill_pid(pid: int, marker: str | None) -> bool:
@@ -231,11 +240,7 @@ class QemuDriver(Driver):
         return StopOutcome.KILLED
 
     def kill(self, rt: Runtime) -> StopOutcome:
-        if not pid_alive(rt.pid, rt.marker):
-            return StopOutcome.NOT_RUNNING
-        assert rt.pid is not None
-        kill_pid(rt.pid, rt.marker)
-        return StopOutcome.KILLED
+        return kill_runtime(rt)
 
     def cleanup(self, rt: Runtime | None, name: str, vm_dir: Path) -> None:
         paths = VmPaths(vm_dir)
