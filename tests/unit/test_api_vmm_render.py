@@ -67,13 +67,6 @@ def plan_of(spec: dict[str, Any], inputs: Inputs) -> MachinePlan:
     return machine_plan(req, inputs, PATHS, HOST, Accel.KVM, NETS)
 
 
-def raw_copies(plan: MachinePlan) -> MachinePlan:
-    """Firecracker's per-VM disks are raw copies (vmforge.images.rawcopy) of raw images."""
-    disks = tuple(replace(d, format="raw", path=d.path.replace(".qcow2", ".raw"))
-                  for d in plan.disks)
-    return replace(plan, disks=disks)
-
-
 # The matrix: (golden name, backend, plan).
 CASES: dict[str, tuple[Backend, MachinePlan]] = {
     "ch-minimal": (Backend.CLOUD_HYPERVISOR, plan_of(
@@ -95,15 +88,16 @@ CASES: dict[str, tuple[Backend, MachinePlan]] = {
         Inputs({"boot": DEBIAN}, None))),
     "fc-minimal": (Backend.FIRECRACKER, plan_of(
         {"machine": "microvm", "kernel": {"image": "minimal"}}, Inputs({}, MINIMAL))),
-    "fc-rootfs-seed": (Backend.FIRECRACKER, raw_copies(plan_of(
-        {"machine": "microvm", "cpu_cores": 2, "memory_mib": 512,
+    # Firecracker's per-VM disks from images are raw copies (machine_plan says format raw).
+    "fc-rootfs-seed": (Backend.FIRECRACKER, plan_of(
+        {"hypervisor": "firecracker", "machine": "microvm", "cpu_cores": 2, "memory_mib": 512,
          "disks": [{"id": "root", "image": "rootfs", "size_gib": 4, "bootable": True}],
-         "cloud_init": {"user_data": USER_DATA}}, Inputs({"root": ROOTFS}, ROOTFS)))),
-    "fc-disks-taps": (Backend.FIRECRACKER, raw_copies(plan_of(
-        {"machine": "microvm", "cpu_cores": 2,
+         "cloud_init": {"user_data": USER_DATA}}, Inputs({"root": ROOTFS}, ROOTFS))),
+    "fc-disks-taps": (Backend.FIRECRACKER, plan_of(
+        {"hypervisor": "firecracker", "machine": "microvm", "cpu_cores": 2,
          "disks": [{"id": "root", "image": "rootfs", "bootable": True},
                    {"id": "data", "size_gib": 5, "format": "raw"}],
-         "nics": TAPS}, Inputs({"root": ROOTFS}, ROOTFS)))),
+         "nics": TAPS}, Inputs({"root": ROOTFS}, ROOTFS))),
     "fc-noagent": (Backend.FIRECRACKER, plan_of(
         {"machine": "microvm", "kernel": {"image": "minimal", "cmdline": "console=ttyS0 reboot=t"},
          "agent": {"enabled": False}}, Inputs({}, MINIMAL))),
@@ -266,12 +260,19 @@ def test_capability_check_names_the_field() -> None:
     chcaps = CloudHypervisorDriver().capabilities()
     assert fcaps.needs_kvm and chcaps.needs_kvm
     assert fcaps.agent_transports == chcaps.agent_transports == frozenset({"hybrid-vsock"})
-    qcow = parse_request({"name": "vm1", "spec": {
-        "machine": "microvm", "disks": [{"id": "root", "image": "rootfs", "bootable": True}]}})
+    image = parse_request({"name": "vm1", "spec": {
+        "machine": "microvm", "kernel": {"image": "minimal"},
+        "disks": [{"id": "root", "image": "rootfs", "bootable": True}]}})
+    planmod.check_capabilities(image, fcaps)  # Firecracker gets a raw copy of the image
+    planmod.check_capabilities(image, chcaps)  # Cloud Hypervisor opens qcow2 overlays
+    blank = parse_request({"name": "vm1", "spec": {
+        "machine": "microvm", "kernel": {"image": "minimal"},
+        "disks": [{"id": "data", "size_gib": 1}]}})
     with pytest.raises(SpecError, match=r"^spec\.disks\[0\]\.format: firecracker boots raw "
-                                        r"disks only"):
-        planmod.check_capabilities(qcow, fcaps)
-    planmod.check_capabilities(qcow, chcaps)  # Cloud Hypervisor opens qcow2 overlays
+                                        r"disks only, and blank disk data is qcow2\n  hint: "
+                                        r"format: raw"):
+        planmod.check_capabilities(blank, fcaps)
+    planmod.check_capabilities(blank, chcaps)
     cases = [({"machine": "q35"}, fcaps, r"spec\.machine: firecracker does not support"),
              ({"machine": "pc"}, chcaps, r"spec\.machine: cloud-hypervisor does not support"),
              ({"cdroms": [{"id": "c", "iso_path": "/etc/hostname"}]}, chcaps,

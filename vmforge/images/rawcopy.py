@@ -11,6 +11,11 @@ In order of preference:
 
 The copy can be grown (``size_bytes``): the tail is a hole, and the guest grows its
 filesystem into it (cloud-init's ``resize_rootfs``, ``resize2fs``).
+
+A qcow2 source is converted first (``create_raw_disk``): a library image once, into a cache
+beside the library's blobs keyed by the blob's sha256 (the blob never changes, so neither does
+its conversion), then copied as above for every VM; a user's own qcow2 file straight into the
+VM's disk (it may change between two VMs).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from pathlib import Path
 
 from ..errors import ImageError
 
-__all__ = ["create_raw_copy", "FICLONE"]
+__all__ = ["create_raw_copy", "create_raw_disk", "raw_conversion", "FICLONE", "QCOW2_MAGIC"]
+
+QCOW2_MAGIC = b"QFI\xfb"
 
 FICLONE = 0x40049409  # _IOW(0x94, 9, int), linux/fs.h
 _CHUNK = 1 << 20
@@ -105,7 +112,7 @@ def create_raw_copy(src: str | Path, dst: str | Path, size_bytes: int | None = N
         raise ImageError(f"source image not found: {src}") from None
     try:
         head = os.pread(src_fd, 4, 0)
-        if head == b"QFI\xfb":
+        if head == QCOW2_MAGIC:
             raise ImageError(f"{src} is a qcow2 image; a raw copy needs a raw source",
                              hint="convert it first: qemu-img convert -O raw SRC DST")
         size = os.fstat(src_fd).st_size
@@ -128,3 +135,48 @@ def create_raw_copy(src: str | Path, dst: str | Path, size_bytes: int | None = N
         return how
     finally:
         os.close(src_fd)
+
+
+def raw_conversion(blob: str | Path, digest: str, cache_dir: str | Path) -> Path:
+    """The raw conversion of the qcow2 library blob ``blob`` (content ``digest``), made once
+    (``qemu-img convert``, sparse output) into ``cache_dir/<digest>.raw`` and reused after.
+    The file appears whole or not at all (written aside, then renamed)."""
+    from ..fsutil import atomic_path
+    from . import qcow2
+    cache = Path(cache_dir)
+    out = cache / f"{digest}.raw"
+    if out.is_file():
+        return out
+    cache.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with atomic_path(out) as tmp:
+        qcow2.convert(blob, tmp, fmt="raw", src_format="qcow2")
+        os.chmod(tmp, 0o400)  # read-only, as the blob it comes from
+    return out
+
+
+def create_raw_disk(src: str | Path, dst: str | Path, size_bytes: int | None = None, *,
+                    cache: tuple[str, Path] | None = None) -> str:
+    """Make ``dst`` a private raw disk with the content of ``src`` (raw or qcow2, a backing
+    chain included), grown to ``size_bytes``. ``cache``: (sha256, cache directory) when
+    ``src`` is a library blob, so a qcow2 one is converted only once. Returns how:
+    ``"reflink"``, ``"sparse"`` (a raw source, or a cached conversion), ``"converted"``."""
+    src, dst = Path(src), Path(dst)
+    try:
+        with open(src, "rb") as f:
+            head = f.read(4)
+    except FileNotFoundError:
+        raise ImageError(f"source image not found: {src}") from None
+    if head != QCOW2_MAGIC:
+        return create_raw_copy(src, dst, size_bytes)
+    if cache is not None:
+        return create_raw_copy(raw_conversion(src, cache[0], cache[1]), dst, size_bytes)
+    from . import qcow2
+    qcow2.convert(src, dst, fmt="raw", src_format="qcow2")
+    try:
+        os.chmod(dst, 0o600)
+        if size_bytes and size_bytes > dst.stat().st_size:
+            os.truncate(dst, size_bytes)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return "converted"

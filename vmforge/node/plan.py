@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["Inputs", "check_inputs", "pinned_inputs", "check_host", "check_capabilities",
            "prepare_artifacts", "machine_plan", "agent_vsock_cid", "needs_seed", "resolve_nics",
            "managed_networks", "mount_plans", "mount_args",
-           "mount_tokens"]
+           "mount_tokens", "raw_copies"]
 
 KERNEL_ROLE = "kernel"
 
@@ -180,11 +180,18 @@ def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None
     if spec.firmware not in caps.firmware:
         raise SpecError(f"{name} does not support firmware {spec.firmware.value}",
                         field="spec.firmware")
+    raw_only = _raw_only(caps)
     for i, d in enumerate(spec.disks):
+        if raw_only and (d.backing_file or d.image):
+            if d.backing_file:  # its per-VM disk is a raw copy (converted if qcow2)
+                _check_convertible(d.backing_file, name, f"spec.disks[{i}].backing_file")
+            continue
         fmt = DiskFormat.QCOW2 if (d.backing_file or d.image) else d.format
         if fmt not in caps.disk_formats:
-            raise SpecError(f"{name} boots {', '.join(sorted(f.value for f in caps.disk_formats))}"
-                            f" disks only", field=f"spec.disks[{i}].format")
+            formats = ", ".join(sorted(f.value for f in caps.disk_formats))
+            raise SpecError(f"{name} boots {formats} disks only, and blank disk {d.id} is "
+                            f"{fmt.value}", field=f"spec.disks[{i}].format",
+                            hint=f"format: {formats.split(', ')[0]}" if raw_only else None)
     if spec.cdroms and not caps.cdroms:
         raise SpecError(f"{name} has no cdrom drives", field="spec.cdroms[0]")
     if spec.agent.enabled and spec.agent.transport != "auto" and \
@@ -207,6 +214,50 @@ def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None
         raise SpecError(f"{name} boots a kernel directly only (no firmware boot from a disk)",
                         field="spec.kernel", hint="give kernel: {image: minimal} or a disk "
                         "image that carries its kernel")
+
+
+def _raw_only(caps: Capabilities) -> bool:
+    """A backend that boots raw disks only (Firecracker): a disk from an image or a backing
+    file is a private raw copy of it (``vmforge.images.rawcopy``), not a qcow2 overlay."""
+    return DiskFormat.RAW in caps.disk_formats and DiskFormat.QCOW2 not in caps.disk_formats
+
+
+def raw_copies(req: VmRequest) -> bool:
+    """Whether the spec's backend gets raw copies instead of qcow2 overlays."""
+    from ..hypervisors import get_driver
+    return _raw_only(get_driver(req.spec.hypervisor).capabilities())
+
+
+def _check_convertible(path: str, backend: str, field: str) -> None:
+    """A qcow2 backing file becomes a raw copy by flattening its chain: every image in the
+    chain must be there (``qemu-img convert`` would fail later, after the VM's row exists)."""
+    from ..images.rawcopy import QCOW2_MAGIC
+    seen = 0
+    current = Path(path)
+    while seen < 16:
+        try:
+            with open(current, "rb") as f:
+                head = f.read(20)
+                if head[:4] != QCOW2_MAGIC:
+                    return
+                off, size = int.from_bytes(head[8:16], "big"), int.from_bytes(head[16:20], "big")
+                if not off:
+                    return
+                f.seek(off)
+                name = f.read(size).decode(errors="replace")
+        except OSError:
+            return  # check_inputs names a missing or unreadable file
+        backing = current.parent / name if not Path(name).is_absolute() else Path(name)
+        if not backing.is_file():
+            raise SpecError(f"{backend} boots raw disks only, so vmforge makes a raw copy of "
+                            f"{path}; but it is a qcow2 overlay whose backing file {name} is "
+                            "missing", field=field,
+                            hint="give a standalone image (qemu-img convert -O raw SRC DST), "
+                                 "or put its backing file back")
+        current = backing
+        seen += 1
+    raise SpecError(f"{path}: its qcow2 backing chain is longer than 16 images", field=field,
+                    hint="flatten it first: qemu-img convert -O raw SRC DST")
 
 
 def resolve_nics(req: VmRequest, nets: Mapping[str, Network] | None = None
@@ -237,6 +288,7 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
     from ..seed import build_seed, inject_agent, write_iso
 
     spec = req.spec
+    raw = raw_copies(req)
     for d in spec.disks:
         target = paths.disk(d.id)
         if d.backing_file or d.id in inputs.disk_images:
@@ -244,7 +296,15 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
             backing = str(img.path("disk")) if img else str(d.backing_file)
             fmt = img.format if img else None
             size = int(d.size_gib * qcow2.GIB) if d.size_gib else None
-            qcow2.create_overlay(backing, target, size, backing_format=fmt)
+            if raw:
+                from ..images.rawcopy import create_raw_disk
+                # A library blob never changes: its conversion to raw is made once and kept
+                # beside the blobs (<library>/raw-cache/<sha256>.raw), keyed by its content.
+                cache = (img.files["disk"], Path(backing).parent.parent / "raw-cache") \
+                    if img else None
+                create_raw_disk(backing, target, size, cache=cache)
+            else:
+                qcow2.create_overlay(backing, target, size, backing_format=fmt)
         else:
             if d.size_gib is None:  # the model refuses blank disks without a size
                 raise SpecError("a blank disk needs size_gib", field=f"spec.disks[{d.id}]")
@@ -324,7 +384,8 @@ def machine_plan(req: VmRequest, inputs: Inputs, paths: VmPaths, host: HostFacts
     resolved = resolve_nics(req, nets)
     kernel = kernel_plan(req, inputs, resolved)
     idx, net_index = _boot_indexes(req, direct_kernel=kernel is not None)
-    disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), "qcow2" if d.backing_file or d.image
+    copy_fmt = "raw" if raw_copies(req) else "qcow2"  # a raw copy, or a qcow2 overlay
+    disks = tuple(DiskPlan(d.id, str(paths.disk(d.id)), copy_fmt if d.backing_file or d.image
                            else d.format.value, idx.get(d.id)) for d in spec.disks)
     cdroms = tuple(CdromPlan(c.id, c.iso_path, idx.get(c.id)) for c in spec.cdroms)
     own_taps = not spec.hypervisor.makes_taps
