@@ -314,3 +314,203 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     res = subprocess.run([tool, "verify", str(unit)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "KillMode=process" in unit.read_text()  # VMs outlive the daemon
+
+
+# -- snapshots, clones, pools
+SNAPSHOT_PATHS = ("/v1/snapshots", "/v1/snapshots/{ref}", "/v1/snapshots/{ref}/restore",
+                  "/v1/vms/{name}/snapshots", "/v1/vms/{name}/clone", "/v1/pools",
+                  "/v1/pools/{pool}", "/v1/pools/{pool}/take")
+
+
+def test_openapi_lists_snapshots_clones_and_pools(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    for p in SNAPSHOT_PATHS:
+        assert p in paths, p
+    assert {"get", "delete"} <= set(paths["/v1/snapshots/{ref}"])
+    assert {"get", "post"} <= set(paths["/v1/pools"])
+    assert {"get", "delete"} <= set(paths["/v1/pools/{pool}"])
+    for p in ("/v1/vms/{name}/snapshots", "/v1/vms/{name}/clone",
+              "/v1/snapshots/{ref}/restore", "/v1/pools"):
+        responses = paths[p]["post"]["responses"]
+        assert {"201", "202", "404", "409", "422"} <= set(responses), p
+        assert "wait" in {q["name"] for q in paths[p]["post"]["parameters"]
+                          if q["in"] == "query"}, p
+
+
+def _add_snapshot(manager: VmManager, tmp_path: Path, name: str = "snap",
+                  **meta: Any) -> Any:
+    from vmforge.node import snapshots
+    state = tmp_path / f"{name}.state"
+    state.write_bytes(b"QEVM" + b"\0" * 60)
+    recipe = {"format": snapshots.FORMAT, "source_vm": "src",
+              "spec": {"memory_mib": 256, "kernel": {"kernel": str(state)},
+                       "cloud_init": {"user_data": "#cloud-config\npassword: hunter2\n"}},
+              "hypervisor_version": "7.2.0", "machine_type": "pc-q35-7.2", "accel": "tcg",
+              "pins": {}, "disks": {}, **meta}
+    return snapshots.Snapshot(manager.library.add(name, {"state": state}, kind="snapshot",
+                                                  recipe=recipe))
+
+
+def _nothing_made(data: DataDir, manager: VmManager, snapshots: int = 0) -> None:
+    nothing_on_disk(data, manager)
+    assert len([i for i in manager.library.all() if i.kind == "snapshot"]) == snapshots
+    pools_dir = data.root / "pools"
+    assert not pools_dir.exists() or list(pools_dir.iterdir()) == []
+
+
+BAD_INPUT = [
+    # (method, path, json body, status, field)
+    ("POST", "/v1/vms/api-vm/snapshots", {"name": "a:1"}, 422, "name"),
+    ("POST", "/v1/vms/api-vm/snapshots", {"name": "../x"}, 422, "name"),
+    ("POST", "/v1/vms/api-vm/snapshots", {"stop": "maybe"}, 422, "stop"),
+    ("POST", "/v1/vms/api-vm/snapshots", {"timeout": 0}, 422, "timeout"),
+    ("POST", "/v1/vms/api-vm/snapshots", {"bogus": 1}, 422, "bogus"),
+    ("POST", "/v1/vms/ghost/snapshots", {}, 404, None),
+    ("POST", "/v1/vms/a_b/snapshots", {}, 422, "name"),
+    ("POST", "/v1/vms/api-vm/clone", {}, 422, "name"),
+    ("POST", "/v1/vms/api-vm/clone", {"name": "../x"}, 422, "name"),
+    ("POST", "/v1/vms/api-vm/clone", {"name": "c1", "snapshot_name": "a/b"}, 422,
+     "snapshot_name"),
+    ("POST", "/v1/vms/ghost/clone", {"name": "c1"}, 404, None),
+    ("POST", "/v1/snapshots/ghost/restore", {"name": "c1"}, 404, "ref"),
+    ("POST", "/v1/snapshots/snap/restore", {"name": "x" * 64}, 422, "name"),
+    ("POST", "/v1/snapshots/snap/restore", {}, 422, "name"),
+    ("POST", "/v1/snapshots/snap/restore", {"name": "c1", "timeout": -1}, 422, "timeout"),
+    ("POST", "/v1/snapshots/..%2Fx/restore", {"name": "c1"}, 404, None),
+    ("GET", "/v1/snapshots/ghost", None, 404, "ref"),
+    ("GET", "/v1/snapshots/a:b", None, 422, "ref"),
+    ("DELETE", "/v1/snapshots/ghost:7", None, 404, "ref"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1}, 422, "spec"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "from_snapshot": "snap",
+                           "spec": {"memory_mib": 256}}, 422, "spec"),
+    ("POST", "/v1/pools", {"name": "p", "size": 65, "from_snapshot": "snap"}, 422, "size"),
+    ("POST", "/v1/pools", {"name": "p", "size": -1, "from_snapshot": "snap"}, 422, "size"),
+    ("POST", "/v1/pools", {"size": 1, "from_snapshot": "snap"}, 422, "name"),
+    ("POST", "/v1/pools", {"name": "p_1", "size": 1, "from_snapshot": "snap"}, 422, "name"),
+    ("POST", "/v1/pools", {"name": "p" * 51, "size": 1, "from_snapshot": "snap"}, 422,
+     "name"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "from_snapshot": "ghost"}, 404,
+     "from_snapshot"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "from_snapshot": "a b"}, 422,
+     "from_snapshot"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "spec": {"memory_mib": -1}}, 422,
+     "spec.memory_mib"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "spec": {"bogus": 1}}, 422, "spec.bogus"),
+    ("POST", "/v1/pools", {"name": "p", "size": 1, "spec": {"disks": [
+        {"id": "d", "size_gib": 1, "backing_file": "/nonexistent/base.qcow2"}]}}, 422,
+     "spec.disks[0].backing_file"),
+    ("GET", "/v1/pools/ghost", None, 404, None),
+    ("GET", "/v1/pools/p_1", None, 422, "pool"),
+    ("DELETE", "/v1/pools/ghost", None, 404, None),
+    ("POST", "/v1/pools/ghost/take", {}, 404, None),
+    ("POST", "/v1/pools/p/take", {"name": "../x"}, 422, "name"),
+]
+
+
+@pytest.mark.parametrize("method,path,body,status,field", BAD_INPUT,
+                         ids=[f"{m} {p} {b}"[:70] for m, p, b, _s, _f in BAD_INPUT])
+def test_snapshot_and_pool_routes_refuse_bad_input(
+        client: TestClient, data: DataDir, manager: VmManager, tmp_path: Path, method: str,
+        path: str, body: dict[str, Any] | None, status: int, field: str | None) -> None:
+    """4xx naming the field, and nothing made: no VM, snapshot, pool or refiller."""
+    r = client.post("/v1/vms", json=minimal_kernel_spec(tmp_path), params={"start": False},
+                    headers=AUTH)
+    assert r.status_code == 201
+    _add_snapshot(manager, tmp_path)
+    r = client.request(method, path, json=body, headers=AUTH)
+    assert r.status_code == status, r.text
+    err = r.json()
+    assert set(err) >= {"error", "message", "status", "field", "hint"}
+    if field is not None:
+        assert err["field"] == field, err
+    assert client.get("/v1/jobs", headers=AUTH).json() == []  # no job started either
+    assert client.delete("/v1/vms/api-vm", headers=AUTH).status_code == 200
+    _nothing_made(data, manager, snapshots=1)
+
+
+def test_snapshot_of_a_vm_that_does_not_run(client: TestClient, data: DataDir,
+                                            manager: VmManager, tmp_path: Path) -> None:
+    """409 at once with wait=true; with wait=false a job (202, Location) that fails the same
+    way. Either way no snapshot."""
+    client.post("/v1/vms", json=minimal_kernel_spec(tmp_path), params={"start": False},
+                headers=AUTH)
+    r = client.post("/v1/vms/api-vm/snapshots", json={"name": "s1"}, headers=AUTH)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "InvalidState" and "is created" in r.json()["message"]
+    r = client.post("/v1/vms/api-vm/snapshots", params={"wait": False}, headers=AUTH)
+    assert r.status_code == 202, r.text
+    job = r.json()
+    assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["kind"] == "vm.snapshot"
+    import time
+    deadline = time.monotonic() + 10
+    while job["state"] == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        job = client.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
+    assert job["state"] == "failed" and job["error"]["error"] == "InvalidState"
+    r = client.post("/v1/vms/api-vm/clone", json={"name": "c1"}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"] == "InvalidState"
+    assert client.get("/v1/vms/c1", headers=AUTH).status_code == 404
+    client.delete("/v1/vms/api-vm", headers=AUTH)
+    _nothing_made(data, manager)
+
+
+def test_snapshot_ls_inspect_and_rm_refused_while_used(
+        client: TestClient, data: DataDir, manager: VmManager, tmp_path: Path) -> None:
+    snap = _add_snapshot(manager, tmp_path)
+    rows = client.get("/v1/snapshots", headers=AUTH).json()
+    assert [r["ref"] for r in rows] == ["snap:1"] and rows[0]["source_vm"] == "src"
+    assert "hunter2" not in json.dumps(rows)
+    one = client.get("/v1/snapshots/snap", headers=AUTH).json()
+    assert one == rows[0] and one["users"] == [] and one["files"]["state"]["sha256"]
+    assert "hunter2" in client.get("/v1/snapshots/snap:1", params={"show_secrets": True},
+                                   headers=AUTH).text
+    # a clone uses it: 409, and it stays
+    client.post("/v1/vms", json=minimal_kernel_spec(tmp_path), params={"start": False},
+                headers=AUTH)
+    with manager.db.tx() as c:
+        c.execute("INSERT INTO vm_images (vm_name, role, image_id) VALUES (?,?,?)",
+                  ("api-vm", f"snapshot:{snap.image.id}", snap.image.id))
+    assert client.get("/v1/snapshots/snap", headers=AUTH).json()["users"] == ["api-vm"]
+    r = client.delete("/v1/snapshots/snap", headers=AUTH)
+    assert r.status_code == 409, r.text
+    assert r.json()["error"] == "ImageError" and "api-vm" in r.json()["message"]
+    client.delete("/v1/vms/api-vm", headers=AUTH)
+    # a pool uses it: 409 too (a pool being removed: no refiller is started for it)
+    from vmforge.node import pools
+    pools._save(manager, pools.Pool("warm", 1, snap.image.id, snap.ref, removing=True))
+    pool = client.get("/v1/pools/warm", headers=AUTH).json()
+    assert pool["snapshot_ref"] == "snap:1" and pool["ready"] == [] and pool["removing"]
+    assert client.get("/v1/pools", headers=AUTH).json() == [pool]
+    r = client.delete("/v1/snapshots/snap", headers=AUTH)
+    assert r.status_code == 409 and "warm" in r.json()["message"]
+    r = client.post("/v1/pools", json={"name": "warm", "size": 1, "from_snapshot": "snap"},
+                    headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"] == "VmExists"
+    (data.root / "pools" / "warm.json").unlink()
+    r = client.delete("/v1/snapshots/snap", headers=AUTH)
+    assert r.status_code == 200 and r.json() == {"ref": "snap:1", "removed": True}
+    assert client.get("/v1/snapshots", headers=AUTH).json() == []
+
+
+def test_restore_of_an_unrestorable_snapshot_leaves_nothing(
+        client: TestClient, data: DataDir, manager: VmManager, tmp_path: Path) -> None:
+    _add_snapshot(manager, tmp_path, "future", format=99)
+    for wait in (True, False):
+        r = client.post("/v1/snapshots/future/restore", json={"name": "c1"},
+                        params={"wait": wait}, headers=AUTH)
+        if not wait:
+            assert r.status_code == 202
+            import time
+            job = r.json()
+            while job["state"] == "running":
+                time.sleep(0.05)
+                job = client.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
+            assert job["state"] == "failed" and job["error"]["error"] == "ImageError"
+            assert "another version of vmforge" in job["error"]["message"]
+        else:
+            assert r.status_code == 422 and r.json()["error"] == "ImageError", r.text
+            assert "another version of vmforge" in r.json()["message"]
+    r = client.post("/v1/pools", json={"name": "p", "size": 1, "from_snapshot": "future"},
+                    headers=AUTH)
+    assert r.status_code == 422 and "another version" in r.json()["message"]
+    _nothing_made(data, manager, snapshots=1)

@@ -3,9 +3,9 @@
 It shares the library's :class:`~vmforge.node.manager.VmManager` (no second implementation):
 sync manager calls run in worker threads (``asyncio.to_thread``), coroutines are awaited, so
 the event loop never blocks on a boot. Routes live in ``vms``, ``guest``, ``images``,
-``system`` and ``validate``; errors are mapped in ``errors``; ``web`` is the console at ``/``
-(login form, session cookies, pages).
-"""
+``system``, ``validate``, ``snapshots`` (snapshots, restores, clones) and ``pools``; errors
+are mapped in ``errors``; ``web`` is the console at ``/`` (login form, session cookies,
+pages)."""
 
 from __future__ import annotations
 
@@ -200,7 +200,8 @@ def create_app(manager: VmManager, token: str | None = None, *, supervise: bool 
                     "image library, and follow every event. Errors are JSON with the field, "
                     "the message and a hint.",
         openapi_tags=[{"name": "vms"}, {"name": "guest"}, {"name": "images"},
-                      {"name": "jobs"}, {"name": "events"}, {"name": "host"}])
+                      {"name": "jobs"}, {"name": "events"}, {"name": "host"},
+                      {"name": "snapshots"}, {"name": "pools"}])
     app.state.daemon = d
     app.add_exception_handler(VmforgeError, _on_vmforge_error)
     app.add_exception_handler(RequestValidationError, _on_validation)
@@ -214,7 +215,9 @@ def create_app(manager: VmManager, token: str | None = None, *, supervise: bool 
                            responses=ERRORS)
     app.include_router(guest.ws_router, prefix="/v1")
     from .pools import router as pools_router  # warm pools (vmforge.node.pools)
-    app.include_router(pools_router, prefix="/v1", dependencies=deps, responses=ERRORS)
+    from .snapshots import router as snapshots_router  # snapshots, restores, clones
+    for router in (snapshots_router, pools_router):
+        app.include_router(router, prefix="/v1", dependencies=deps, responses=ERRORS)
     web.install(app)  # the console at / (login, pages, static files, session cookies)
     return app
 

@@ -69,7 +69,8 @@ def status_for(exc: BaseException) -> int:
         return 422
     if isinstance(exc, ImageError):
         msg = exc.message
-        if "no image" in msg or "not found" in msg:
+        if "no image" in msg or "not found" in msg or msg.startswith("no snapshot") or \
+                msg.endswith("not a snapshot"):
             return 404
         if "in use" in msg:
             return 409

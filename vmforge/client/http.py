@@ -17,6 +17,7 @@ import httpx
 
 from .. import errors as errmod
 from ..errors import VmforgeError
+from .snapshots import AsyncSnapshotCalls, SnapshotCalls
 
 __all__ = ["Client", "AsyncClient", "ClientExecResult", "DaemonError", "resolve_host",
            "error_from"]
@@ -180,7 +181,7 @@ class _Base:
         return f"{type(self).__name__}({self.host!r})"
 
 
-class Client(_Base):
+class Client(_Base, SnapshotCalls):
     """Synchronous client; one kept-alive connection pool."""
 
     def __post_init__(self) -> None:
@@ -394,7 +395,7 @@ class Client(_Base):
         return dict(self._req("GET", "/v1/host", timeout=120))
 
 
-class AsyncClient(_Base):
+class AsyncClient(_Base, AsyncSnapshotCalls):
     """Asynchronous client (the same methods, as coroutines and async iterators)."""
 
     def __post_init__(self) -> None:
@@ -543,6 +544,22 @@ class AsyncClient(_Base):
 
     async def job(self, job_id: str) -> dict[str, Any]:
         return dict(await self._req("GET", f"/v1/jobs/{job_id}"))
+
+    async def wait_job(self, job_id: str, timeout: float = 3600, poll: float = 0.5
+                       ) -> dict[str, Any]:
+        """Until the job has finished; raises its error if it failed."""
+        import asyncio
+        import time
+        deadline = time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if job["state"] != "running":
+                if job["state"] == "failed":
+                    raise error_from(0, job.get("error") or {})
+                return job
+            if time.monotonic() > deadline:
+                raise DaemonError(f"job {job_id} still running after {timeout:.0f}s")
+            await asyncio.sleep(poll)
 
     async def events(self, *, vm: str | None = None, last_event_id: int | None = None,
                      replay: bool = False, follow: bool = True, limit: float | None = None
