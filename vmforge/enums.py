@@ -57,6 +57,19 @@ class Backend(enum.StrEnum):
         """Whether the backend has networks of its own by name (libvirt's ``default``)."""
         return self is Backend.LIBVIRT
 
+    @property
+    def user_net(self) -> bool:
+        """Whether the backend has user-mode networking (NAT without host privileges: QEMU's
+        slirp/passt). Cloud Hypervisor and Firecracker open taps only."""
+        return self in (Backend.QEMU, Backend.LIBVIRT)
+
+    @property
+    def max_vcpus(self) -> int | None:
+        """The most vCPUs the backend runs (None: the spec's own limit). Firecracker: its API
+        document's ``MachineConfiguration.vcpu_count`` maximum (32); Cloud Hypervisor:
+        ``CpusConfig.max_vcpus`` is a ``u8`` in its ``vm_config.rs`` (255)."""
+        return {Backend.FIRECRACKER: 32, Backend.CLOUD_HYPERVISOR: 255}.get(self)
+
 
 class AccelChoice(enum.StrEnum):
     AUTO = "auto"  # KVM when a probe proved it boots guests here, else TCG

@@ -360,3 +360,86 @@ def test_plan_json_lists_the_requests_without_either_binary(
         for r in p["requests"]:
             oracle.check(r["method"], r["path"], r["body"])
         assert p["capabilities"]["needs_kvm"] is True
+
+
+def test_plan_human_output_lists_requests_with_bodies_only_where_there_is_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmforge.cli.main import app
+    from vmforge.node import manager
+    from vmforge.node.manager import VmManager
+    from vmforge.paths import DataDir
+    monkeypatch.setattr(manager, "probe_host", lambda **_kw: fake_host())
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("COLUMNS", "200")
+    data = tmp_path / "data"
+    m = VmManager(DataDir(data).ensure(), host=fake_host())
+    k = tmp_path / "vmlinux"
+    k.write_bytes(b"kernel")
+    m.library.add("minimal", {"kernel": k, "vmlinux": k, "initrd": k}, kind="kernel",
+                  cmdline="console=ttyS0")
+    m.close()
+    spec = tmp_path / "micro.yaml"
+    spec.write_text("name: demo\nspec:\n  machine: microvm\n  kernel:\n    image: minimal\n")
+    res = CliRunner().invoke(app, ["--data-dir", str(data), "plan", "-f", str(spec),
+                                   "--hypervisor", "cloud-hypervisor"])
+    assert res.exit_code == 0, res.output
+    assert "null" not in res.output
+    lines = res.output.splitlines()
+    create = lines.index(" 1. PUT /api/v1/vm.create")
+    assert lines[create + 1] == "      {" and '        "cpus": {' in lines
+    assert lines[-1] == " 2. PUT /api/v1/vm.boot"  # no body: nothing after it
+    body = json.loads("\n".join(lines[create + 1:-1]))
+    Oracle("cloud-hypervisor").check("PUT", "/api/v1/vm.create", body)
+    res = CliRunner().invoke(app, ["--data-dir", str(data), "plan", "-f", str(spec),
+                                   "--hypervisor", "firecracker"])
+    assert res.exit_code == 0, res.output
+    steps = [line for line in res.output.splitlines() if line[:3].strip().rstrip(".")
+             .isdigit()]
+    assert steps[0] == " 1. PUT /logger" and steps[-1].endswith(". PUT /actions")
+    assert '        "action_type": "InstanceStart"' in res.output and "null" not in res.output
+
+
+def test_backend_limits_are_refused_with_the_field() -> None:
+    fcaps = FirecrackerDriver().capabilities()
+    chcaps = CloudHypervisorDriver().capabilities()
+    qcaps = get_driver(Backend.QEMU).capabilities()
+
+    def req(spec: dict[str, Any]) -> Any:
+        return parse_request({"name": "vm1", "spec": {"machine": "microvm",
+                                                      "kernel": {"image": "minimal"}, **spec}})
+    with pytest.raises(SpecError, match=r"^spec\.cpu_cores: firecracker runs at most 32 vCPUs, "
+                                        r"and the spec asks for 33\n  hint: cpu_cores: 32"):
+        planmod.check_capabilities(req({"cpu_cores": 33}), fcaps)
+    planmod.check_capabilities(req({"cpu_cores": 32}), fcaps)
+    planmod.check_capabilities(req({"cpu_cores": 33}), chcaps)
+    with pytest.raises(SpecError, match=r"^spec\.cpu_cores: cloud-hypervisor runs at most 255"):
+        planmod.check_capabilities(req({"cpu_cores": 256}), chcaps)
+    planmod.check_capabilities(req({"cpu_cores": 256}), qcaps)
+    assert (fc.MAX_VCPUS, ch.MAX_VCPUS) == (Backend.FIRECRACKER.max_vcpus,
+                                            Backend.CLOUD_HYPERVISOR.max_vcpus)
+    # The document's own maximum for Firecracker.
+    doc = Oracle("firecracker").doc["definitions"]["MachineConfiguration"]
+    assert doc["properties"]["vcpu_count"]["maximum"] == fc.MAX_VCPUS
+
+
+def test_an_explicit_user_mode_nic_is_refused_where_there_are_taps_only() -> None:
+    fcaps = FirecrackerDriver().capabilities()
+    chcaps = CloudHypervisorDriver().capabilities()
+
+    def req(spec: dict[str, Any]) -> Any:
+        return parse_request({"name": "vm1", "spec": {"machine": "microvm",
+                                                      "kernel": {"image": "minimal"}, **spec}})
+    for caps in (fcaps, chcaps):
+        name = caps.backend.value
+        for nics in ([{"mode": "user"}], [{"bridge": "br0"}, {"id": "n2"}]):
+            i = len(nics) - 1
+            with pytest.raises(SpecError, match=rf"^spec\.nics\[{i}\]\.mode: {name} has no "
+                                                r"user-mode networking \(it opens taps only\)"
+                                                r", and NIC \w+ is user-mode\n  hint: put it "
+                                                r"on a network"):
+                planmod.check_capabilities(req({"nics": nics}), caps)
+        planmod.check_capabilities(req({}), caps)  # the default net0 is left out, not refused
+        planmod.check_capabilities(req({"nics": []}), caps)
+        planmod.check_capabilities(req({"nics": [{"bridge": "br0"}]}), caps)
+    planmod.check_capabilities(req({"machine": "q35", "nics": [{"mode": "user"}]}),
+                               get_driver(Backend.QEMU).capabilities())

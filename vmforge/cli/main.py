@@ -159,8 +159,10 @@ def plan(
         req = _load(spec, name)
         if hypervisor:
             from ..spec import parse_request
-            data = req.model_dump(mode="json", by_alias=True)
-            data["spec"]["hypervisor"] = hypervisor
+            # Only what the spec says (exclude_unset): a default (the user-mode NIC) stays a
+            # default that the backend may leave out, not a NIC the spec asks for.
+            data = req.model_dump(mode="json", by_alias=True, exclude_unset=True)
+            data.setdefault("spec", {})["hypervisor"] = hypervisor
             req = parse_request(data, "--hypervisor")
         p = manager().plan(req)
         if json_out:
@@ -180,10 +182,13 @@ def plan(
         elif "domain_xml" in p:
             out.print(p["domain_xml"], highlight=False, markup=False)
         else:
-            for r in p["requests"]:
-                import json
-                out.print(f"{r['method']} {r['path']} {json.dumps(r['body'])}",
-                          highlight=False, markup=False)
+            import json
+            for i, r in enumerate(p["requests"], 1):  # the body only where there is one
+                out.print(f"{i:2}. {r['method']} {r['path']}", highlight=False, markup=False)
+                if r["body"] is not None:
+                    body = json.dumps(r["body"], indent=2, sort_keys=False)
+                    out.print("\n".join("      " + line for line in body.splitlines()),
+                              highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()

@@ -33,7 +33,7 @@ from ..images.library import Image, Library
 from ..images.probe import check_disk_image
 from ..net.names import tap_name
 from ..paths import VmPaths
-from ..spec import BootDevice, DiskFormat, Firmware, VmRequest
+from ..spec import BootDevice, DiskFormat, Firmware, NicMode, VmRequest
 
 if TYPE_CHECKING:
     from ..net.model import Network
@@ -199,11 +199,23 @@ def check_capabilities(req: VmRequest, caps: Capabilities, inputs: Inputs | None
         raise SpecError(f"{name} cannot reach the agent over {spec.agent.transport}",
                         field="spec.agent.transport",
                         hint="use one of: auto, " + ", ".join(sorted(caps.agent_transports)))
+    if caps.backend.max_vcpus is not None and spec.cpu_cores > caps.backend.max_vcpus:
+        raise SpecError(f"{name} runs at most {caps.backend.max_vcpus} vCPUs, and the spec "
+                        f"asks for {spec.cpu_cores}", field="spec.cpu_cores",
+                        hint=f"cpu_cores: {caps.backend.max_vcpus} or fewer, or hypervisor: "
+                             "qemu")
+    explicit_nics = "nics" in spec.model_fields_set  # not the default user-mode net0
     for i, nic in enumerate(spec.nics):
         if nic.forwards and not caps.user_net_forwards:
             raise SpecError(f"{name} has no user-mode port forwards",
                             field=f"spec.nics[{i}].forwards",
                             hint="use a bridge or managed network and the guest's address")
+        if explicit_nics and nic.mode is NicMode.USER and not caps.backend.user_net:
+            raise SpecError(f"{name} has no user-mode networking (it opens taps only), and "
+                            f"NIC {nic.id} is user-mode", field=f"spec.nics[{i}].mode",
+                            hint="put it on a network (network: NAME, see `vmforge network "
+                                 "ls`) or a host bridge (bridge: br0); or give nics: [] (the "
+                                 "agent needs no NIC: it speaks over vsock)")
     direct = bool(spec.kernel) or (inputs is not None and inputs.kernel_image is not None)
     if spec.mounts and not caps.mounts:
         raise SpecError(f"{name} cannot share host folders with the guest",

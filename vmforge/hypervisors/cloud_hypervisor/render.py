@@ -34,7 +34,7 @@ __all__ = ["API", "api_socket", "vsock_socket", "vm_create_body", "boot_requests
 NAME = "cloud-hypervisor"
 API = "/api/v1"  # the document's server base path
 GUEST_CID = 3
-MAX_VCPUS = 255  # CpusConfig.max_vcpus is a u8
+MAX_VCPUS = 255  # CpusConfig.max_vcpus: u8 (Backend.CLOUD_HYPERVISOR.max_vcpus, checked first)
 
 
 def api_socket(run_dir: str) -> str:

@@ -34,7 +34,7 @@ __all__ = ["api_socket", "vsock_socket", "log_file", "boot_args", "boot_requests
 
 NAME = "firecracker"
 GUEST_CID = 3
-MAX_VCPUS = 32  # the document's MachineConfiguration.vcpu_count maximum
+MAX_VCPUS = 32  # MachineConfiguration.vcpu_count max (Backend.FIRECRACKER.max_vcpus, checked first)
 CMDLINE_TOKENS = ("reboot=k", "panic=1", "pci=off")
 
 
