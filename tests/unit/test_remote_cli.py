@@ -293,3 +293,95 @@ def test_the_same_commands_through_the_daemon(daemon: dict[str, Any], data: Data
     assert res.exit_code == 0 and "removed u1" in res.stdout
     here = runner.invoke(app, ["--data-dir", str(data.root), "ls", "--json"])
     assert json.loads(here.stdout) == []
+
+
+# -------------------------------------------------------------------- snapshots and pools
+
+def _add_snapshot(data: DataDir, tmp_path: Path, name: str = "snap") -> None:
+    from vmforge.node import snapshots
+    state = tmp_path / f"{name}.state"
+    state.write_bytes(b"QEVM" + b"\0" * 60)
+    recipe = {"format": snapshots.FORMAT, "source_vm": "src",
+              "spec": {"memory_mib": 256, "kernel": {"kernel": str(state)},
+                       "cloud_init": {"user_data": "#cloud-config\npassword: hunter2\n"}},
+              "hypervisor_version": "7.2.0", "machine_type": "pc-q35-7.2", "accel": "tcg",
+              "pins": {}, "disks": {}, "paused_seconds": 0.25}
+    m = VmManager(data, host=fake_host())
+    try:
+        m.library.add(name, {"state": state}, kind="snapshot", recipe=recipe)
+    finally:
+        m.close()
+
+
+def test_snapshot_and_pool_commands_through_the_daemon(daemon: dict[str, Any], data: DataDir,
+                                                       tmp_path: Path) -> None:
+    """`snapshot ls/inspect/rm` and `pool ls` print the same through the daemon as on the
+    data directory; no longer refused with --host."""
+    for argv in (["snapshot", "ls", "--json"], ["pool", "ls", "--json"], ["snapshot", "ls"],
+                 ["pool", "ls"]):
+        here, there = _both(data, argv)
+        assert (here.exit_code, here.stdout) == (there.exit_code, there.stdout), argv
+        assert there.exit_code == 0, there.output
+    _add_snapshot(data, tmp_path)
+    m = VmManager(data, host=fake_host())
+    try:
+        from vmforge.node import pools
+        snap = m.library.find("snap")
+        assert snap is not None
+        pools._save(m, pools.Pool("warm", 2, snap.id, snap.ref, removing=True))
+    finally:
+        m.close()
+    for argv in (["snapshot", "ls", "--json"], ["snapshot", "inspect", "snap", "--json"],
+                 ["snapshot", "inspect", "snap:1", "--json", "--show-secrets"],
+                 ["snapshot", "inspect", "snap"], ["pool", "ls", "--json"], ["pool", "ls"]):
+        here, there = _both(data, argv)
+        assert (here.exit_code, here.stdout) == (there.exit_code, there.stdout), argv
+        assert there.exit_code == 0, there.output
+    here, there = _both(data, ["snapshot", "ls"])
+    assert [line.split()[:7] for line in here.stdout.splitlines()] == \
+        [line.split()[:7] for line in there.stdout.splitlines()]
+    assert "snap:1" in there.stdout
+    # in use by the pool: refused the same way
+    here, there = _both(data, ["snapshot", "rm", "snap"])
+    assert (here.exit_code, here.output) == (there.exit_code, there.output)
+    assert there.exit_code == 1 and "in use by warm pool(s) warm" in there.output
+    (data.root / "pools" / "warm.json").unlink()
+    res = CliRunner().invoke(app, ["--host", "http://testserver", "snapshot", "rm", "snap"])
+    assert res.exit_code == 0 and "removed snapshot snap:1" in res.stdout, res.output
+    here = CliRunner().invoke(app, ["--data-dir", str(data.root), "snapshot", "ls", "--json"])
+    assert json.loads(here.stdout) == []
+
+
+REFUSED = [["snapshot", "inspect", "ghost"], ["snapshot", "inspect", "a::b"],
+           ["snapshot", "rm", "ghost:3"], ["snapshot", "create", "ghost"],
+           ["snapshot", "create", "u1", "--name", "a:1"], ["snapshot", "create", "u1"],
+           ["clone", "ghost", "--name", "c1"], ["clone", "u1", "--name", "../x"],
+           ["clone", "u1", "--name", "c1"], ["run", "--from-snapshot", "ghost", "--name", "c1"],
+           ["run", "--from-snapshot", "ghost"], ["run", "--from-snapshot", "snap", "--name",
+                                                 "a_b"],
+           ["pool", "take", "ghost"], ["pool", "take", "ghost", "--name", "../x"],
+           ["pool", "rm", "ghost"], ["pool", "create", "p", "--size", "1", "--from-snapshot",
+                                     "ghost"],
+           ["pool", "create", "p", "--size", "1"],
+           ["pool", "create", "p", "--size", "99", "--from-snapshot", "snap"]]
+
+
+def test_snapshot_and_pool_errors_are_the_same_through_the_daemon(
+        daemon: dict[str, Any], data: DataDir, tmp_path: Path) -> None:
+    """The same messages and exit codes as on the node; nothing is made by a refused
+    command."""
+    runner = CliRunner()
+    res = runner.invoke(app, ["--host", "http://testserver", "create", "-f",
+                              str(_spec(tmp_path))])
+    assert res.exit_code == 0, res.output
+    _add_snapshot(data, tmp_path)
+    for argv in REFUSED:
+        here, there = _both(data, argv)
+        assert here.exit_code == there.exit_code != 0, (argv, here.output, there.output)
+        assert "Traceback" not in there.output and "error:" in there.output, argv
+        assert here.output == there.output, argv
+    here = runner.invoke(app, ["--data-dir", str(data.root), "ls", "--json"])
+    assert [v["name"] for v in json.loads(here.stdout)] == ["u1"]
+    assert [r["ref"] for r in json.loads(runner.invoke(
+        app, ["--data-dir", str(data.root), "snapshot", "ls", "--json"]).stdout)] == ["snap:1"]
+    assert not (data.root / "pools").exists() or not list((data.root / "pools").iterdir())

@@ -7,7 +7,8 @@ they talk to the local state file or to a daemon: the same output, the same exit
 records are :class:`~vmforge.node.manager.VmRecord` (a subclass that keeps the daemon's own
 JSON for ``as_dict``); ``agent(name)`` gives an object with the agent client's methods the
 commands call (exec, put_tree, get_tree, health), backed by the daemon's exec (NDJSON),
-files and health endpoints.
+files and health endpoints. :class:`RemoteSnapshots` does `snapshot`, `clone`,
+`run --from-snapshot` and `pool` through the daemon's snapshot and pool endpoints.
 
 What does not make sense against a daemon (building images or seeds from local files, a
 terminal session, host networks, the local doctor) fails at once with an error that names
@@ -52,8 +53,8 @@ if TYPE_CHECKING:
     from ..spec import VmRequest
 
 __all__ = ["RemoteManager", "RemoteRecord", "RemoteAgent", "RemoteLibrary", "RemoteImage",
-           "LocalOnly", "DaemonUnreachable", "TokenRefused", "LOCAL_ONLY", "local_only",
-           "record_from"]
+           "RemoteSnapshots", "LocalOnly", "DaemonUnreachable", "TokenRefused", "LOCAL_ONLY",
+           "local_only", "record_from"]
 
 # --------------------------------------------------------------------------- errors
 
@@ -119,7 +120,8 @@ def _not_here(what: str) -> LocalOnly:
 
 
 _HINTS = ((re.compile(r"^POST /v1/vms/([^/\s]+)/start$"), r"`vmforge start \1`"),
-          (re.compile(r"^GET /v1/images$"), "see `vmforge image ls`"))
+          (re.compile(r"^GET /v1/images$"), "see `vmforge image ls`"),
+          (re.compile(r"^GET /v1/pools$"), "see `vmforge pool ls`"))
 
 
 def _cli_hint(hint: str | None) -> str | None:
@@ -826,3 +828,129 @@ class RemoteManager:
             return
         finally:
             client.close()
+
+
+# --------------------------------------------------------------------------- snapshots, pools
+
+class RemoteSnapshots:
+    """`vmforge snapshot / clone / run --from-snapshot / pool` through the daemon's
+    ``/v1/snapshots``, ``/v1/vms/{name}/clone`` and ``/v1/pools``: the same dicts and records
+    as :class:`vmforge.cli.snapshots.LocalOps`, so the commands print the same. The long
+    operations run as the daemon's jobs, whose progress is shown as it comes; what the local
+    commands check before any work (names, references) is checked here first, so the errors
+    and exit codes are the same too."""
+
+    def __init__(self, manager: RemoteManager) -> None:
+        self.m = manager
+
+    def _long(self, call: Callable[[AsyncClient], Any], progress: Progress) -> dict[str, Any]:
+        """Start a job (``call`` with ``wait=False``), show its progress, return its result."""
+        async def go() -> dict[str, Any]:
+            async with self.m._aclient() as c:
+                with self.m.mapped():
+                    job = await call(c)
+                done = await self.m._follow_job(c, str(job["id"]), progress)
+                return dict(done.get("result") or {})
+        result: dict[str, Any] = asyncio.run(go())
+        return result
+
+    @staticmethod
+    def _timeout(t: float) -> float:
+        return min(max(float(t), 1.0), 3600.0)
+
+    def _record(self, d: dict[str, Any], *extra: str) -> VmRecord:
+        return record_from({k: v for k, v in d.items() if k not in extra}, source=self.m)
+
+    # -- snapshots
+    def snapshot_create(self, vm: str, name: str | None, stop: bool,
+                        progress: Progress) -> dict[str, Any]:
+        from ..images.library import check_name
+        if name is not None:
+            check_name(name)
+        return self._long(lambda c: c.snapshot(_name(vm), name, stop=stop, wait=False),
+                          progress)
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        with self.m.mapped():
+            return self.m.client.snapshots()
+
+    def snapshot(self, ref: str, show_secrets: bool) -> dict[str, Any]:
+        from ..images.library import parse_ref
+        parse_ref(ref)
+        with self.m.mapped():
+            return self.m.client.snapshot_info(ref, show_secrets=show_secrets)
+
+    def remove_snapshot(self, ref: str) -> str:
+        from ..images.library import parse_ref
+        parse_ref(ref)
+        with self.m.mapped():
+            return str(self.m.client.remove_snapshot(ref)["ref"])
+
+    # -- restores, clones
+    def restore(self, ref: str, name: str, timeout: float, progress: Progress) -> VmRecord:
+        from ..images.library import parse_ref
+        from ..spec import validate_name
+        parse_ref(ref)
+        validate_name(name)
+        d = self._long(lambda c: c.restore(ref, name, timeout=self._timeout(timeout),
+                                           wait=False), progress)
+        return self._record(d)
+
+    def clone(self, vm: str, names: list[str], snapshot_name: str | None,
+              timeout: float) -> tuple[list[VmRecord], str]:
+        """The first clone through ``POST /v1/vms/{vm}/clone`` (one snapshot, taken once),
+        any further ones restored from that snapshot."""
+        from ..images.library import check_name
+        from ..spec import validate_name
+        from .common import progress
+        for n in names:
+            validate_name(n)
+        if snapshot_name is not None:
+            check_name(snapshot_name)
+        with progress(names[0]) as p:
+            d = self._long(lambda c: c.clone(_name(vm), names[0], snapshot_name=snapshot_name,
+                                             timeout=self._timeout(timeout), wait=False), p)
+        ref = str(d["snapshot"])
+        recs = [self._record(d, "snapshot")]
+        for n in names[1:]:
+            with progress(n) as p:
+                recs.append(self.restore(ref, n, timeout, p))
+        return recs, ref
+
+    # -- pools
+    def create_pool(self, name: str, size: int, spec: Path | None,
+                    from_snapshot: str | None, progress: Progress) -> dict[str, Any]:
+        """A spec file is read here (as locally); its paths name files on the node."""
+        from ..node.pools import check_pool_name
+        check_pool_name(name)  # what vmforge.node.pools.create_pool checks first, as it says
+        if size < 0 or size > 64:
+            raise SpecError(f"pool size {size} is out of range", field="--size",
+                            hint="0 to 64 VMs")
+        if (spec is None) == (from_snapshot is None):
+            raise SpecError("give a spec (-f) or a snapshot (--from-snapshot), not both",
+                            field="pool")
+        body_spec = None
+        if spec is not None:
+            from ..spec import load_request
+            req = load_request(spec, None)
+            body_spec = RemoteManager._body(req, spec.resolve().parent).get("spec") or {}
+        return self._long(lambda c: c.create_pool(name, size, spec=body_spec,
+                                                  from_snapshot=from_snapshot, wait=False),
+                          progress)
+
+    def pools(self) -> list[dict[str, Any]]:
+        with self.m.mapped():
+            return self.m.client.pools()
+
+    def take(self, pool: str, name: str | None, timeout: float) -> VmRecord:
+        from ..spec import NAME_RE, validate_name
+        with self.m.mapped():
+            if name is not None and not NAME_RE.fullmatch(name):
+                self.m.client.pool(pool)  # an unknown pool is reported first, as locally
+                validate_name(name)
+            d = self.m.client.take(pool, name, timeout=self._timeout(timeout))
+        return self._record(d, "take_seconds")
+
+    def remove_pool(self, name: str) -> dict[str, Any]:
+        with self.m.mapped():
+            return self.m.client.remove_pool(name)

@@ -1,22 +1,28 @@
 """`vmforge snapshot`, `vmforge clone` and `vmforge pool`: memory snapshots of running VMs,
-clones restored from them, and warm pools of restored VMs handed out at once."""
+clones restored from them, and warm pools of restored VMs handed out at once.
+
+The commands work on this machine's data directory (:class:`LocalOps`) or, with ``--host`` /
+``VMFORGE_HOST``, through the daemon (:class:`vmforge.cli.remote.RemoteSnapshots`): both give
+the same dicts and records, and the output is made here, once."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol, cast
 
 import typer
 
 from .common import _state, err, errors_reported, human_size, out, print_json, progress
 
 if TYPE_CHECKING:
-    from ..node.manager import VmManager
+    from ..events import Progress
+    from ..node.manager import VmManager, VmRecord
     from ..node.snapshots import Snapshot
+    from .remote import RemoteManager
 
 __all__ = ["register_snapshots", "snapshot_app", "pool_app", "restore_as",
-           "from_snapshot_run"]
+           "from_snapshot_run", "SnapshotOps", "LocalOps", "snapshot_ops"]
 
 snapshot_app = typer.Typer(no_args_is_help=True, help="Memory snapshots of running VMs: "
                            "memory, devices and disk layers as one library object.")
@@ -27,17 +33,117 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 
 
 def _manager() -> VmManager:
-    """These commands work on this machine's data directory (not through --host)."""
+    """This machine's manager (`pool serve`, the refiller, runs on the node only)."""
     from ..errors import VmforgeError
     from ..node.manager import VmManager
     from ..paths import DataDir
     if _state.get("host"):
-        raise VmforgeError("snapshots, clones and pools work on this machine only, not "
-                           "against a daemon (--host / VMFORGE_HOST is set)",
-                           hint="run it on the node; the daemon offers POST "
-                                "/v1/pools/{pool}/take")
+        raise VmforgeError("a pool's refiller runs on the node itself, not against a daemon "
+                           "(--host / VMFORGE_HOST is set)",
+                           hint="`vmforge pool ls` through the daemon starts it when needed")
     d = _state["data_dir"]
     return VmManager(DataDir(d) if d else None)
+
+
+class SnapshotOps(Protocol):
+    """What the commands need, here or through a daemon; dicts are what ``--json`` prints."""
+
+    def snapshot_create(self, vm: str, name: str | None, stop: bool,
+                        progress: Progress) -> dict[str, Any]: ...
+    def snapshots(self) -> list[dict[str, Any]]: ...
+    def snapshot(self, ref: str, show_secrets: bool) -> dict[str, Any]: ...
+    def remove_snapshot(self, ref: str) -> str: ...
+    def restore(self, ref: str, name: str, timeout: float,
+                progress: Progress) -> VmRecord: ...
+    def clone(self, vm: str, names: list[str], snapshot_name: str | None,
+              timeout: float) -> tuple[list[VmRecord], str]: ...
+    def create_pool(self, name: str, size: int, spec: Path | None,
+                    from_snapshot: str | None, progress: Progress) -> dict[str, Any]: ...
+    def pools(self) -> list[dict[str, Any]]: ...
+    def take(self, pool: str, name: str | None, timeout: float) -> VmRecord: ...
+    def remove_pool(self, name: str) -> dict[str, Any]: ...
+
+
+class LocalOps:
+    """On this machine's data directory."""
+
+    def __init__(self, m: VmManager) -> None:
+        self.m = m
+
+    def snapshot_create(self, vm: str, name: str | None, stop: bool,
+                        progress: Progress) -> dict[str, Any]:
+        from ..node import snapshots
+        return _snapshot_dict(self.m, snapshots.create(self.m, vm, name, stop=stop,
+                                                       progress=progress))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        from ..node import snapshots
+        return [_snapshot_dict(self.m, s) for s in snapshots.all_snapshots(self.m)]
+
+    def snapshot(self, ref: str, show_secrets: bool) -> dict[str, Any]:
+        from ..node import snapshots
+        return _snapshot_dict(self.m, snapshots.get(self.m, ref), show_secrets=show_secrets)
+
+    def remove_snapshot(self, ref: str) -> str:
+        from ..node import snapshots
+        return snapshots.remove(self.m, ref).ref
+
+    def restore(self, ref: str, name: str, timeout: float, progress: Progress) -> VmRecord:
+        from ..node.restore import restore
+        rec: VmRecord = _arun(restore(self.m, ref, name, progress=progress, timeout=timeout))
+        return rec
+
+    def clone(self, vm: str, names: list[str], snapshot_name: str | None,
+              timeout: float) -> tuple[list[VmRecord], str]:
+        from ..node import snapshots
+        from ..spec import validate_name
+        for n in names:  # before the snapshot is taken, not after
+            validate_name(n)
+        with progress(f"snapshot of {vm}") as p:
+            snap = snapshots.create(self.m, vm, snapshot_name or f"{vm}-clone", progress=p)
+        return restore_as(self, snap.ref, names, timeout), snap.ref
+
+    def create_pool(self, name: str, size: int, spec: Path | None,
+                    from_snapshot: str | None, progress: Progress) -> dict[str, Any]:
+        from ..node import pools
+        req = None
+        if spec is not None:
+            from ..spec import load_request
+            req = load_request(spec, None)
+        pool = _arun(pools.create_pool(self.m, name, size, req=req,
+                                       snapshot_ref=from_snapshot, progress=progress,
+                                       base_dir=spec.resolve().parent if spec else None))
+        return _pool_dict(self.m, pool, pools.ensure_refiller(self.m, name))
+
+    def pools(self) -> list[dict[str, Any]]:
+        from ..node import pools
+        rows = []
+        for pool in pools.all_pools(self.m):
+            if not pool.removing:
+                pools.ensure_refiller(self.m, pool.name)
+            rows.append(_pool_dict(self.m, pool))
+        return rows
+
+    def take(self, pool: str, name: str | None, timeout: float) -> VmRecord:
+        from ..node import pools
+        rec: VmRecord = _arun(pools.take(self.m, pool, name, timeout=timeout))
+        return rec
+
+    def remove_pool(self, name: str) -> dict[str, Any]:
+        from ..node import pools
+        return dict(_arun(pools.remove_pool(self.m, name)))
+
+
+def snapshot_ops() -> SnapshotOps:
+    """Through the daemon when ``--host`` / ``VMFORGE_HOST`` is set, else here."""
+    if _state.get("host"):
+        from .common import manager
+        from .remote import RemoteSnapshots
+        return RemoteSnapshots(cast("RemoteManager", manager()))
+    from ..node.manager import VmManager
+    from ..paths import DataDir
+    d = _state["data_dir"]
+    return LocalOps(VmManager(DataDir(d) if d else None))
 
 
 def _arun(coro: Any) -> Any:
@@ -66,19 +172,17 @@ def snapshot_create(
     """Save a running VM's memory, devices and disks as a snapshot. The VM pauses for about
     the time its memory takes to write; its disks continue on new overlays over the
     snapshot's read-only layers."""
-    from ..node import snapshots
     with errors_reported():
-        m = _manager()
+        ops = snapshot_ops()
         t0 = time.monotonic()
         with progress(f"snapshot of {vm}") as p:
-            snap = snapshots.create(m, vm, name, stop=stop, progress=p)
+            d = ops.snapshot_create(vm, name, stop, p)
         if json_out:
-            print_json(_snapshot_dict(m, snap))
+            print_json(d)
             return
-        meta = snap.meta
-        out.print(f"snapshot [bold]{snap.ref}[/] of {vm} in {time.monotonic() - t0:.2f}s "
-                  f"(paused {meta.get('paused_seconds', 0):.2f}s) · "
-                  f"{human_size(snap.image.size)} · VM {'stopped' if stop else 'running'}",
+        out.print(f"snapshot [bold]{d['ref']}[/] of {vm} in {time.monotonic() - t0:.2f}s "
+                  f"(paused {d.get('paused_seconds') or 0:.2f}s) · "
+                  f"{human_size(d['size'])} · VM {'stopped' if stop else 'running'}",
                   highlight=False)
 
 
@@ -94,10 +198,8 @@ def _snapshot_dict(m: VmManager, snap: Snapshot, *, show_secrets: bool = False
 @snapshot_app.command("ls")
 def snapshot_ls(json_out: JsonOpt = False) -> None:
     """List snapshots with their parent image, size and the VMs that use them."""
-    from ..node import snapshots
     with errors_reported():
-        m = _manager()
-        rows = [_snapshot_dict(m, s) for s in snapshots.all_snapshots(m)]
+        rows = snapshot_ops().snapshots()
         if json_out:
             print_json(rows)
             return
@@ -123,10 +225,8 @@ def snapshot_inspect(
                             "vendor-data of the saved spec.")] = False,
 ) -> None:
     """Everything about a snapshot: files and checksums, lineage, hypervisor, users."""
-    from ..node import snapshots
     with errors_reported():
-        m = _manager()
-        d = _snapshot_dict(m, snapshots.get(m, ref), show_secrets=show_secrets)
+        d = snapshot_ops().snapshot(ref, show_secrets)
         if json_out:
             print_json(d)
             return
@@ -142,23 +242,22 @@ def snapshot_inspect(
 @snapshot_app.command("rm")
 def snapshot_rm(refs: Annotated[list[str], typer.Argument(help="Snapshot(s).")]) -> None:
     """Delete snapshots no VM, pool or later snapshot uses."""
-    from ..node import snapshots
     with errors_reported():
-        m = _manager()
+        ops = snapshot_ops()
         for ref in refs:
-            snap = snapshots.remove(m, ref)
-            out.print(f"removed snapshot [bold]{snap.ref}[/]", highlight=False)
+            removed = ops.remove_snapshot(ref)
+            out.print(f"removed snapshot [bold]{removed}[/]", highlight=False)
 
 
 # ---------------------------------------------------------------------------- clone, run
 
-def restore_as(m: VmManager, ref: str, names: list[str], timeout: float) -> list[Any]:
+def restore_as(ops: SnapshotOps, ref: str, names: list[str], timeout: float
+               ) -> list[VmRecord]:
     """``vmforge run --from-snapshot``: restore ``ref`` as each of ``names``."""
-    from ..node.restore import restore
     recs = []
     for n in names:
         with progress(n) as p:
-            recs.append(_arun(restore(m, ref, n, progress=p, timeout=timeout)))
+            recs.append(ops.restore(ref, n, timeout, p))
     return recs
 
 
@@ -174,7 +273,7 @@ def from_snapshot_run(spec: Path | None, ref: str | None, names: list[str] | Non
     if not names:
         raise SpecError("a VM restored from a snapshot needs a --name", field="--name",
                         hint=f"vmforge run --from-snapshot {ref} --name NAME")
-    recs = restore_as(_manager(), ref, names, timeout)
+    recs = restore_as(snapshot_ops(), ref, names, timeout)
     if json_out:
         print_json([r.as_dict() for r in recs])
         return
@@ -202,16 +301,12 @@ def clone_cmd(
     """A new VM that is a copy of a running one: its memory (processes, files in RAM) and its
     disks as they are now, with its own identity (hostname, machine-id, random pool, clock).
     The source keeps running; the snapshot stays in the library while clones use it."""
-    from ..node import snapshots
     with errors_reported():
-        m = _manager()
-        with progress(f"snapshot of {vm}") as p:
-            snap = snapshots.create(m, vm, snapshot_name or f"{vm}-clone", progress=p)
-        recs = restore_as(m, snap.ref, name, timeout)
+        recs, ref = snapshot_ops().clone(vm, name, snapshot_name, timeout)
         if json_out:
             print_json([r.as_dict() for r in recs])
             return
-        print_restored(recs, snap.ref)
+        print_restored(recs, ref)
 
 
 # ---------------------------------------------------------------------------- pool
@@ -227,46 +322,33 @@ def pool_create(
     json_out: JsonOpt = False,
 ) -> None:
     """Create a warm pool and start its refiller (a detached `vmforge pool serve NAME`)."""
-    from ..node import pools
     with errors_reported():
-        m = _manager()
-        req = None
-        if spec is not None:
-            from ..spec import load_request
-            req = load_request(spec, None)
+        ops = snapshot_ops()
         with progress(f"pool {name}") as p:
-            pool = _arun(pools.create_pool(m, name, size, req=req, snapshot_ref=from_snapshot,
-                                           progress=p,
-                                           base_dir=spec.resolve().parent if spec else None))
+            d = ops.create_pool(name, size, spec, from_snapshot, p)
         if json_out:
-            print_json(_pool_dict(m, pool))
+            print_json(d)
             return
-        pid = pools.ensure_refiller(m, name)
-        out.print(f"pool [bold]{pool.name}[/]: {pool.size} VM(s) from snapshot "
-                  f"{pool.snapshot_ref}; refiller pid {pid}", highlight=False)
+        out.print(f"pool [bold]{d['name']}[/]: {d['size']} VM(s) from snapshot "
+                  f"{d['snapshot_ref']}; refiller pid {d['refiller_pid']}", highlight=False)
 
 
-def _pool_dict(m: VmManager, pool: Any) -> dict[str, Any]:
+def _pool_dict(m: VmManager, pool: Any, refiller: int | None = None) -> dict[str, Any]:
+    """As the daemon's (vmforge.api.pools): the pool, its members, its refiller."""
     from ..node import pools
     from ..node.states import VmState
     mem = pools.members(m, pool.name)
     ready = [r.name for r in mem if r.state is VmState.RUNNING]
     return {**pool.to_json(), "ready": ready,
             "making": [r.name for r in mem if r.state is not VmState.RUNNING],
-            "refiller_pid": pools.refiller_pid(m, pool.name)}
+            "refiller_pid": pools.refiller_pid(m, pool.name) or refiller}
 
 
 @pool_app.command("ls")
 def pool_ls(json_out: JsonOpt = False) -> None:
     """List pools: size, ready VMs, the refiller (started again when it is not running)."""
-    from ..node import pools
     with errors_reported():
-        m = _manager()
-        rows = []
-        for pool in pools.all_pools(m):
-            if not pool.removing:
-                pools.ensure_refiller(m, pool.name)
-            rows.append(_pool_dict(m, pool))
+        rows = snapshot_ops().pools()
         if json_out:
             print_json(rows)
             return
@@ -291,11 +373,10 @@ def pool_take(
     json_out: JsonOpt = False,
 ) -> None:
     """Hand out a ready VM at once: renamed, its identity refreshed; the pool refills."""
-    from ..node import pools
     with errors_reported():
-        m = _manager()
+        ops = snapshot_ops()
         t0 = time.monotonic()
-        rec = _arun(pools.take(m, name, vm_name, timeout=timeout))
+        rec = ops.take(name, vm_name, timeout)
         took = time.monotonic() - t0
         if json_out:
             print_json({**rec.as_dict(), "take_seconds": took})
@@ -310,11 +391,10 @@ def pool_take(
 def pool_rm(names: Annotated[list[str], typer.Argument(help="Pool name(s).")]) -> None:
     """Stop the refiller, delete the pool's ready VMs (taken ones stay) and the snapshot it
     made for itself when nothing uses it any more."""
-    from ..node import pools
     with errors_reported():
-        m = _manager()
+        ops = snapshot_ops()
         for n in names:
-            res = _arun(pools.remove_pool(m, n))
+            res = ops.remove_pool(n)
             out.print(f"removed pool [bold]{n}[/] ({len(res['removed'])} VM(s))",
                       highlight=False)
             if res["snapshot_kept"]:
