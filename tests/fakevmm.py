@@ -7,10 +7,17 @@ calls in the wrong state (``vm.boot`` before ``vm.create``, pre-boot configurati
 ``InstanceStart``, a snapshot of a running VM, a load into a configured Firecracker), files
 that do not exist, a vsock socket path that is taken.
 
-"Booting" writes a few lines to the serial file and binds the hybrid-vsock socket; a host that
+"Booting" writes a few lines to the serial file, opens the disk files (as the VMMs do, so
+``/proc/PID/fd`` shows which file each disk is) and binds the hybrid-vsock socket; a host that
 writes ``CONNECT 1024`` there is bridged to a real in-process instance of the guest agent
 (``vmforge.agent.guest``), as the guest's vsock listener would be. The power button makes the
 "guest" power off and the process exit, as both VMMs do.
+
+That agent runs on the host, not in a guest, so its calls that act on the machine are
+replaced in the stand-in process (``_contain_agent``): ``shutdown``/``reboot`` make the
+"guest" power off (the VMM exits) instead of running ``poweroff``; ``identity`` records what
+it was asked in the run directory (``stand-in-identity.json``) and reports it done, instead of
+setting the host's clock, hostname and machine-id. ``exec`` still runs commands here.
 
 Run as a process through a shim named like the binary (``write_shim``), with the binary's own
 command line: ``cloud-hypervisor --api-socket path=P`` / ``firecracker --api-sock P --id N``.
@@ -176,7 +183,64 @@ class FakeVmm:
             return
         conn.sendall(b"OK 1073741824\n")
         from vmforge.agent import guest
+        self._contain_agent(guest)
         guest.serve_stream(conn, self.started)
+
+    def _contain_agent(self, guest: Any) -> None:
+        """Keep the in-process guest agent off the host (see the module docstring)."""
+        if getattr(guest, "_stand_in", None) is self:
+            return
+        run_dir = Path(self.api_socket).parent
+        fake = self
+        guest.IDENTITY_FILE = str(run_dir / "stand-in-id")
+
+        def identity(name: str | None = None, hostname: str | None = None,
+                     machine_id: str | None = None, entropy: str | None = None,
+                     time_ns: int | None = None,
+                     nics: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+            asked = {"name": name, "hostname": hostname, "machine_id": machine_id,
+                     "entropy": bool(entropy), "time_ns": time_ns, "nics": nics or []}
+            (run_dir / "stand-in-identity.json").write_text(json.dumps(asked))
+            if name:
+                Path(guest.IDENTITY_FILE).write_text(name + "\n")
+            done = [k for k, v in (("clock", time_ns), ("random", entropy), ("name", name),
+                                   ("hostname", hostname), ("machine-id", machine_id))
+                    if v is not None]
+            return {"refreshed": done, "failed": {}, "clock_offset": 0.0,
+                    "vm_id": guest.vm_id(), "hostname": hostname or "stand-in",
+                    "stand_in": "nothing on the host was changed"}
+
+        def power(agent: Any, action: str) -> None:
+            fake.guest_exit(fake.serial_file(), "reboot: Power down" if action == "poweroff"
+                            else "reboot: Restarting system")
+        guest.refresh_identity = identity
+        guest.Agent._power = power
+        guest._stand_in = self
+
+    def serial_file(self) -> str | None:
+        """Where the "guest" console goes (subclasses know their configuration)."""
+        return None
+
+    # -- disk files, held open as the VMM holds them
+    def open_disks(self, paths: dict[str, str]) -> str | None:
+        """Open each disk file (id -> path), closing those held before; an error text if one
+        cannot be opened (nothing is held then)."""
+        files = {}
+        for disk_id, path in paths.items():
+            try:
+                files[disk_id] = open(path, "rb")  # noqa: SIM115 (held while the VM runs)
+            except OSError as exc:
+                for f in files.values():
+                    f.close()
+                return f"{path}: {exc.strerror}"
+        self.close_disks()
+        self.disk_files = files
+        return None
+
+    def close_disks(self, only: str | None = None) -> None:
+        for disk_id in list(getattr(self, "disk_files", {})):
+            if only is None or disk_id == only:
+                self.disk_files.pop(disk_id).close()
 
     def guest_exit(self, console: str | None, last_words: str) -> None:
         """The guest powered off (or rebooted under ``reboot=k``): the VMM process exits."""
@@ -284,6 +348,9 @@ class FakeCloudHypervisor(FakeVmm):
                 return self.error(500, f"Error booting VM: tap {n.get('tap')}: not found")
         serial = cfg.get("serial", {})
         console = serial.get("file") if serial.get("mode") == "File" else None
+        if (err := self.open_disks({d.get("id") or f"_disk{i}": d["path"]
+                                    for i, d in enumerate(cfg.get("disks", []))})):
+            return self.error(500, f"Error booting VM: {err}")
         if "vsock" in cfg and (err := self.bind_vsock(cfg["vsock"]["socket"])) is not None:
             return self.error(500, f"Error booting VM: {err}")
         self.console(console, "Linux version 6.1.0 (stand-in: nothing boots here)\n")
@@ -346,16 +413,31 @@ class FakeCloudHypervisor(FakeVmm):
         cfg_file = Path(url.path, "config.json")
         if url.scheme != "file" or not cfg_file.is_file():
             return self.error(500, f"no snapshot at {body['source_url']!r}")
-        self.config = json.loads(cfg_file.read_text())
+        config = json.loads(cfg_file.read_text())
+        if (err := self.open_disks({d.get("id") or f"_disk{i}": d["path"]
+                                    for i, d in enumerate(config.get("disks", []))})):
+            return self.error(500, f"Error restoring VM: {err}")
+        self.config = config
         if "vsock" in self.config and \
                 (err := self.bind_vsock(self.config["vsock"]["socket"])) is not None:
+            self.close_disks()
             return self.error(500, f"Error restoring VM: {err}")
         self.state = "Running" if body.get("resume") else "Paused"
         return 204, None
 
     def op_vm_delete(self, body: Any) -> Reply:
+        # The VM and its devices go (disks closed, the vsock listener closed; the socket file
+        # stays, as Cloud Hypervisor leaves it); the VMM process stays for a new VM.
         self.state, self.config = None, None
+        self.close_disks()
+        if self.vsock_listener is not None:
+            self.vsock_listener.close()
+            self.vsock_listener = None
         return 204, None
+
+    def serial_file(self) -> str | None:
+        serial = (self.config or {}).get("serial", {})
+        return serial.get("file") if serial.get("mode") == "File" else None
 
 
 _PRE_BOOT = {"/logger", "/metrics", "/boot-source", "/machine-config", "/drives/{drive_id}",
@@ -391,6 +473,10 @@ class FakeFirecracker(FakeVmm):
                      "vmm_version": "1.16.1-stand-in"}
             assert not self.oracle.body_errors("InstanceInfo", reply)
             return 200, reply
+        if method == "GET" and template == "/vm/config":
+            return 200, self._full_config()
+        if method == "PATCH" and template == "/drives/{drive_id}":
+            return self._patch_drive(params["drive_id"], body)
         if method == "PUT" and template in _PRE_BOOT:
             return self._pre_boot(template, params, body)
         if method == "PUT" and template == "/actions":
@@ -450,6 +536,9 @@ class FakeFirecracker(FakeVmm):
                                        "starting the microVM.")
             if "boot-source" not in self.config:
                 return self.error(400, "Cannot start microvm without kernel configuration.")
+            if (err := self.open_disks({k: d["path_on_host"]
+                                        for k, d in self.config["drives"].items()})):
+                return self.error(400, f"Unable to create the block device: {err}")
             vsock = self.config.get("vsock")
             if vsock and (err := self.bind_vsock(vsock["uds_path"])) is not None:
                 return self.error(400, f"Cannot create vsock device: {err}")
@@ -468,6 +557,37 @@ class FakeFirecracker(FakeVmm):
     def _serial(self) -> str | None:
         serial: dict[str, Any] = self.config.get("serial", {})
         return serial.get("serial_out_path")
+
+    def serial_file(self) -> str | None:
+        return self._serial()
+
+    def _full_config(self) -> dict[str, Any]:
+        """``GET /vm/config``: the configuration as FullVmConfiguration (lists, not maps)."""
+        out = {k: v for k, v in self.config.items()
+               if k in ("boot-source", "logger", "machine-config", "vsock", "entropy")}
+        out["drives"] = list(self.config["drives"].values())
+        out["network-interfaces"] = list(self.config["network-interfaces"].values())
+        assert not self.oracle.body_errors("FullVmConfiguration", out), \
+            self.oracle.body_errors("FullVmConfiguration", out)
+        return out
+
+    def _patch_drive(self, drive_id: str, body: dict[str, Any]) -> Reply:
+        """Post-boot only (a loaded snapshot counts): Firecracker reopens the drive's file."""
+        if self.state == "Not started" and not self.loaded:
+            return self.error(400, "The requested operation is not supported before starting "
+                                   "the microVM.")
+        if body["drive_id"] != drive_id:
+            return self.error(400, "The id from the path does not match the id from the body!")
+        drive = self.config["drives"].get(drive_id)
+        if drive is None:
+            return self.error(400, f"Drive update error: Unable to patch the block device: "
+                                   f"no drive with id {drive_id}")
+        if "path_on_host" in body:
+            held = {k: v.name for k, v in getattr(self, "disk_files", {}).items()}
+            if (err := self.open_disks({**held, drive_id: body["path_on_host"]})):
+                return self.error(400, f"Drive update error: {err}")
+            self.config["drives"][drive_id] = {**drive, "path_on_host": body["path_on_host"]}
+        return 204, None
 
     def _snapshot_create(self, body: dict[str, Any]) -> Reply:
         if self.state != "Paused":
@@ -492,13 +612,35 @@ class FakeFirecracker(FakeVmm):
         if missing is not None:
             return self.error(400, f"Load snapshot error: {missing}")
         logger = self.config.get("logger")
-        self.config = json.loads(Path(body["snapshot_path"]).read_text())
+        config = json.loads(Path(body["snapshot_path"]).read_text())
+        # The drives are opened again at the paths they had when the snapshot was taken, the
+        # taps by name unless overridden (network_overrides), the vsock socket likewise.
+        if (err := self.open_disks({k: d["path_on_host"]
+                                    for k, d in config["drives"].items()})):
+            return self.error(400, f"Load snapshot error: Cannot restore devices: block "
+                                   f"device: {err}")
+        for o in body.get("network_overrides") or []:
+            iface = config["network-interfaces"].get(o["iface_id"])
+            if iface is None:
+                self.close_disks()
+                return self.error(400, f"Load snapshot error: no network interface "
+                                       f"{o['iface_id']} to override")
+            iface["host_dev_name"] = o["host_dev_name"]
+        for iface in config["network-interfaces"].values():
+            if not Path(f"/sys/class/net/{iface['host_dev_name']}").exists():
+                self.close_disks()
+                return self.error(400, f"Load snapshot error: Open tap device failed: "
+                                       f"{iface['host_dev_name']}")
+        self.config = config
         if logger:
             self.config["logger"] = logger
         vsock = self.config.get("vsock")
         uds = (body.get("vsock_override") or {}).get("uds_path") or (vsock or {}).get("uds_path")
         if uds and (err := self.bind_vsock(uds)) is not None:
+            self.close_disks()
             return self.error(400, f"Load snapshot error: {err}")
+        if uds and vsock:
+            vsock["uds_path"] = uds
         self.loaded = True
         self.state = "Running" if body.get("resume_vm") else "Paused"
         return 204, None
