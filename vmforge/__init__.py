@@ -10,7 +10,10 @@ The public API is loaded lazily (``vmforge --help`` must not pay for pydantic or
 from __future__ import annotations
 
 import importlib
-from typing import Any
+
+TYPE_CHECKING = False  # not typing's: `vmforge seed build` and `exec` must not import it
+if TYPE_CHECKING:
+    from typing import Any
 
 __version__ = "0.1.0"
 

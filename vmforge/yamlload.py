@@ -25,10 +25,13 @@ into its own field-named error with the position. Also: :func:`compose` and
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import Any
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+TYPE_CHECKING = False  # not typing's: `vmforge seed build` and `exec` must not import it
+if TYPE_CHECKING:
+    from typing import Any
 
 __all__ = ["MAX_ALIAS_NODES", "MAX_DEPTH", "MAX_DOCUMENT_BYTES", "DocumentLimitError",
            "DuplicateKeyError", "BoundedLoader", "load", "compose", "find_mark",

@@ -5,9 +5,10 @@ Names are imported on first use, so `vmforge seed build` loads only what it need
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
+TYPE_CHECKING = False  # not typing's: the seed path must not import it
 if TYPE_CHECKING:
+    from typing import Any
+
     from .build import Seed, build_seed, default_user_data, find_ssh_public_key, inject_agent
     from .writers import write_iso, write_seed, write_vfat
 

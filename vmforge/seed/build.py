@@ -2,31 +2,55 @@
 
 from __future__ import annotations
 
-import base64
-import getpass
 import os
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-import yaml
+import re
 
 from .validate import parse_meta_data, validate_network_config, validate_user_data
 
-if TYPE_CHECKING:  # the seed path (`vmforge seed build`) stays free of pydantic and email
+TYPE_CHECKING = False  # not typing's: the seed path must not import it (nor dataclasses)
+
+if TYPE_CHECKING:  # the seed path (`vmforge seed build`) stays free of pydantic and email,
+    # and of PyYAML, pathlib, typing and dataclasses (each imported where it is needed)
     from email.mime.text import MIMEText
+    from pathlib import Path
+    from typing import Any
 
     from ..spec import CloudInit
 
 __all__ = ["Seed", "build_seed", "default_user_data", "find_ssh_public_key", "inject_agent"]
 
 
-@dataclass(frozen=True)
 class Seed:
+    """The four NoCloud files (immutable)."""
+
+    __slots__ = ("meta_data", "user_data", "network_config", "vendor_data")
     meta_data: bytes
     user_data: bytes
-    network_config: bytes | None = None
-    vendor_data: bytes | None = None
+    network_config: bytes | None
+    vendor_data: bytes | None
+
+    def __init__(self, meta_data: bytes, user_data: bytes, network_config: bytes | None = None,
+                 vendor_data: bytes | None = None) -> None:
+        for name, value in (("meta_data", meta_data), ("user_data", user_data),
+                            ("network_config", network_config), ("vendor_data", vendor_data)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"Seed is immutable: cannot set {name}")
+
+    def _key(self) -> tuple[bytes | None, ...]:
+        return (self.meta_data, self.user_data, self.network_config, self.vendor_data)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Seed) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Seed(meta_data={self.meta_data!r}, user_data=<{len(self.user_data)} bytes>, "
+                f"network_config={self.network_config!r}, "
+                f"vendor_data={'None' if self.vendor_data is None else '<bytes>'})")
 
     def files(self) -> list[tuple[str, bytes]]:
         out = [("meta-data", self.meta_data), ("user-data", self.user_data)]
@@ -39,6 +63,7 @@ class Seed:
 
 def find_ssh_public_key(home: Path | None = None) -> str | None:
     """The invoking user's SSH public key, if there is one."""
+    from pathlib import Path
     home = home or Path(os.environ.get("HOME") or Path.home())
     for name in ("id_ed25519.pub", "id_ecdsa.pub", "id_rsa.pub"):
         p = home / ".ssh" / name
@@ -49,6 +74,9 @@ def find_ssh_public_key(home: Path | None = None) -> str | None:
 
 def default_user_data(hostname: str, ssh_key: str | None, user: str | None = None) -> bytes:
     """A sensible default for a cloud image that was given no cloud-init config."""
+    import getpass
+
+    import yaml
     user = user or os.environ.get("SUDO_USER") or getpass.getuser()
     if user == "root":
         user = "vmforge"
@@ -67,8 +95,32 @@ def _meta_data(text: str | None, name: str, field: str = "spec.cloud_init.meta_d
     meta = parse_meta_data(text or "", field)
     meta.setdefault("instance-id", name)
     meta.setdefault("local-hostname", name)
+    simple = _dump_simple(meta)
+    if simple is not None:
+        return simple.encode()
+    import yaml
     dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
     return yaml.dump(meta, Dumper=dumper, sort_keys=False).encode()
+
+
+# A string PyYAML writes as it is (plain) when the YAML 1.1 resolver reads it back as a string.
+_SIMPLE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,62}\Z")
+
+
+def _dump_simple(meta: dict[str, Any]) -> str | None:
+    """``key: value`` lines, exactly as ``yaml.dump`` writes them, for the usual meta-data
+    (instance-id and hostnames); None for anything else, which goes to PyYAML."""
+    from .miniyaml import Unsupported, _plain
+    lines = []
+    for k, v in meta.items():
+        for s in (k, v):
+            try:
+                if not isinstance(s, str) or not _SIMPLE.match(s) or _plain(s) != s:
+                    return None
+            except Unsupported:
+                return None
+        lines.append(f"{k}: {v}\n")
+    return "".join(lines)
 
 
 def build_seed(name: str, cloud_init: CloudInit | None, *, default_if_empty: bool = False,
@@ -164,7 +216,7 @@ def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
                       {"name": "dict", "settings": ["no_replace", "recurse_list"]}],
         "write_files": [
             {"path": "/usr/local/lib/vmforge/agent.py", "permissions": "0755",
-             "encoding": "b64", "content": base64.b64encode(agent_source).decode()},
+             "encoding": "b64", "content": _b64(agent_source)},
             {"path": "/etc/systemd/system/vmforge-agent.service", "permissions": "0644",
              "content": AGENT_UNIT},
         ],
@@ -176,6 +228,8 @@ def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
     }
     from email.mime.multipart import MIMEMultipart
     from email.mime.text import MIMEText
+
+    import yaml
     agent_part = MIMEText("#cloud-config\n" + yaml.safe_dump(doc, sort_keys=False),
                           "cloud-config", "utf-8")
     agent_part.add_header("Content-Disposition", 'attachment; filename="vmforge-agent.yaml"')
@@ -185,3 +239,8 @@ def inject_agent(seed: Seed, agent_source: bytes) -> Seed:
             outer.attach(part)
     outer.attach(agent_part)
     return Seed(seed.meta_data, outer.as_bytes(), seed.network_config, seed.vendor_data)
+
+
+def _b64(data: bytes) -> str:
+    import base64
+    return base64.b64encode(data).decode()

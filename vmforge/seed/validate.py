@@ -28,23 +28,20 @@ Three layers, each failing with a :class:`SeedError` that names the field:
 
 from __future__ import annotations
 
-import difflib
-import email
-import email.policy
 import functools
 import json
+import os
 import re
 import zlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from dataclasses import field as dc_field
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from .. import yamlload
 from ..errors import SeedError
+from . import miniyaml, schemagate
+
+TYPE_CHECKING = False  # not typing's: `vmforge seed build` and `exec` must not import it
+if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
 
 __all__ = ["validate_user_data", "validate_network_config", "parse_meta_data", "yaml_mapping",
            "validate_files", "schema_problems", "Problem", "SeedSchemaError",
@@ -66,7 +63,7 @@ _MAX_REPORTED = 20
 
 _OTHER_HEADERS = ("#include", "#cloud-boothook", "#part-handler", "#cloud-config-jsonp",
                   "## template: jinja")
-_SCHEMA_DIR = Path(__file__).parent / "schemas"
+_SCHEMA_DIR = os.path.join(os.path.dirname(__file__), "schemas")  # (pathlib: 3 ms)
 _SCHEMA_FILES = {"cloud-config": "schema-cloud-config-v1.json",
                  "network-config-v1": "schema-network-config-v1.json",
                  "network-config-v2": "schema-network-config-v2.json"}
@@ -78,21 +75,36 @@ def _check_size(size: int, field: str, what: str = "") -> None:
                         f"{MAX_SEED_FILE_BYTES // MiB} MiB limit", field=field, hint=_SIZE_HINT)
 
 
+def _read_json(path: str) -> Any:
+    with open(path, "rb") as f:
+        return json.loads(f.read())
+
+
 def yaml_mapping(text: str | bytes, field: str, *, allow_empty: bool = False) -> dict[str, Any]:
-    try:
-        data = yamlload.load(text, allow_duplicates=True)
-    except yaml.MarkedYAMLError as exc:
-        where = yamlload.describe_mark(exc.problem_mark)
-        raise SeedError(f"invalid YAML at {where}: {exc.problem}", field=field,
-                        hint="fix the YAML at that position") from None
-    except yaml.YAMLError as exc:
-        raise SeedError(f"invalid YAML: {exc}", field=field) from None
+    try:  # the everyday subset without PyYAML (its import alone costs more than a seed build)
+        data = miniyaml.load(text if isinstance(text, str) else text.decode())
+    except (miniyaml.Unsupported, UnicodeDecodeError):
+        data = _load_yaml(text, field)
     if data is None and allow_empty:
         return {}
     if not isinstance(data, dict):
         raise SeedError(f"must be a YAML mapping, got {type(data).__name__}", field=field,
                         hint="write key: value pairs at the top level")
     return data
+
+
+def _load_yaml(text: str | bytes, field: str) -> Any:
+    import yaml
+
+    from .. import yamlload
+    try:
+        return yamlload.load(text, allow_duplicates=True)
+    except yaml.MarkedYAMLError as exc:
+        where = yamlload.describe_mark(exc.problem_mark)
+        raise SeedError(f"invalid YAML at {where}: {exc.problem}", field=field,
+                        hint="fix the YAML at that position") from None
+    except yaml.YAMLError as exc:
+        raise SeedError(f"invalid YAML: {exc}", field=field) from None
 
 
 def _gunzip(data: bytes, field: str) -> bytes:
@@ -147,6 +159,8 @@ def _validate_user_data(data: bytes, field: str, schema: bool, inflated: bool) -
         _check_archive(text, field, schema)
         return "archive"
     if first.lower().startswith(("content-type:", "mime-version:")):
+        import email
+        import email.policy
         msg = email.message_from_string(text, policy=email.policy.compat32)
         if not msg.is_multipart():
             raise SeedError("MIME user-data must be multipart/mixed", field=field)
@@ -175,6 +189,9 @@ def _validate_user_data(data: bytes, field: str, schema: bool, inflated: bool) -
 
 def _check_archive(text: str, field: str, schema: bool) -> None:
     """#cloud-config-archive: a YAML list of parts (strings, or mappings with content)."""
+    import yaml
+
+    from .. import yamlload
     try:
         parts = yamlload.load(text, allow_duplicates=True)
     except yaml.YAMLError as exc:
@@ -304,6 +321,9 @@ def _file_kind(path: Path, data: bytes) -> str:
         return "network-config"
     if name.startswith("meta-data") or "meta" in name:
         return "meta-data"
+    import yaml
+
+    from .. import yamlload
     head = data.lstrip()[:64].lower()
     if head.startswith((b"#", b"\x1f\x8b", b"content-type:", b"mime-version:")):
         return "user-data"
@@ -318,16 +338,33 @@ def _file_kind(path: Path, data: bytes) -> str:
 
 # ---------------------------------------------------------------------------- schemas
 
-@dataclass(frozen=True)
 class Problem:
-    """One schema violation: where (JSON path, 1-based line/column) and what."""
+    """One schema violation: where (JSON path, 1-based line/column) and what. (A plain
+    class: dataclasses costs `vmforge seed build` 6 ms of imports.)"""
 
-    path: tuple[str | int, ...]
-    message: str
-    line: int | None = None
-    column: int | None = None
-    #: placed at the value (the mapping that lacks a key) rather than at the key
-    at_value: bool = dc_field(default=False, compare=False, repr=False)
+    __slots__ = ("path", "message", "line", "column", "at_value")
+
+    def __init__(self, path: tuple[str | int, ...], message: str, line: int | None = None,
+                 column: int | None = None, at_value: bool = False) -> None:
+        self.path = path
+        self.message = message
+        self.line = line
+        self.column = column
+        #: placed at the value (the mapping that lacks a key) rather than at the key
+        self.at_value = at_value
+
+    def _key(self) -> tuple[object, ...]:
+        return (self.path, self.message, self.line, self.column)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Problem) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+    def __repr__(self) -> str:
+        return (f"Problem(path={self.path!r}, message={self.message!r}, line={self.line!r}, "
+                f"column={self.column!r})")
 
     @property
     def where(self) -> str:
@@ -385,10 +422,9 @@ def _relax_cloud_config(schema: dict[str, Any]) -> None:
 
 
 @functools.cache
-def _validator(kind: str) -> Any:
-    from jsonschema import Draft4Validator, validators  # type: ignore[import-untyped]
-
-    schema = json.loads((_SCHEMA_DIR / _SCHEMA_FILES[kind]).read_text())
+def _schema(kind: str) -> dict[str, Any]:
+    """cloud-init's schema for ``kind``, with vmforge's adjustments (never mutated after)."""
+    schema: dict[str, Any] = _read_json(os.path.join(_SCHEMA_DIR, _SCHEMA_FILES[kind]))
     if kind == "cloud-config":
         _relax_cloud_config(schema)
     if kind.startswith("network-config"):
@@ -399,6 +435,14 @@ def _validator(kind: str) -> Any:
         version = kind[-1]
         schema.pop("oneOf", None)
         schema["$ref"] = f"#/$defs/network_config_version{version}"
+    return schema
+
+
+@functools.cache
+def _validator(kind: str) -> Any:
+    from jsonschema import Draft4Validator, validators  # type: ignore[import-untyped]
+
+    schema = _schema(kind)
     # As cloud-init does: Draft 4 for every schema, and bytes (YAML !!binary) are strings.
     checker = Draft4Validator.TYPE_CHECKER.redefine(
         "string", lambda _checker, value: isinstance(value, str | bytes))
@@ -419,15 +463,25 @@ def schema_problems(data: Any, kind: str, text: str | None = None) -> list[Probl
     else:
         problems = []
     data, booleans = _string_keys(data, prefix)
-    validator = _validator(kind)
+    try:  # the quick answer for a valid document; jsonschema explains an invalid one
+        valid = schemagate.is_valid(data, _schema(kind))
+    except (schemagate.Unsure, RecursionError):
+        valid = False
     try:
-        for error in validator.iter_errors(data):
-            problems += [Problem(p.path, p.message + _BOOLEAN_KEY, at_value=p.at_value)
-                         if p.path in booleans else p for p in _explain(error, prefix)]
+        if not valid:
+            for error in _validator(kind).iter_errors(data):
+                problems += [Problem(p.path, p.message + _BOOLEAN_KEY, at_value=p.at_value)
+                             if p.path in booleans else p for p in _explain(error, prefix)]
     except RecursionError:  # yamlload bounds nesting, but data may come from elsewhere
         problems.append(Problem(prefix, "nested too deeply to check"))
+    except TypeError:  # jsonschema applies a pattern to bytes (YAML !!binary) and fails
+        problems.append(Problem(prefix, "a binary (!!binary) value stands where cloud-init's "
+                                        "schema expects text of a given form"))
     if not problems:
         return []
+    import yaml
+
+    from .. import yamlload
     root = None
     if text is not None:
         try:
@@ -537,6 +591,7 @@ def _dotted(path: Sequence[str | int]) -> str:
 
 def _suggest(word: str, choices: Iterable[Any]) -> str:
     names = [c for c in choices if isinstance(c, str)]
+    import difflib
     match = difflib.get_close_matches(word, names, n=1, cutoff=0.6)
     return f" (did you mean {match[0]!r}?)" if match else ""
 
