@@ -39,3 +39,93 @@ def test_errors_are_reported_plainly(capsys: pytest.CaptureFixture[str], tmp_pat
     err = capsys.readouterr().err
     assert err.startswith("error: --user-data: cannot read") and "Traceback" not in err
     assert not (tmp_path / "s.iso").exists()
+
+
+# ---------------------------------------------------------------------------- exec's quick path
+
+def test_the_quick_readers_agree_with_the_manager(monkeypatch: pytest.MonkeyPatch,
+                                                   tmp_path: Path) -> None:
+    from vmforge.paths import default_data_dir
+    from vmforge.state import SCHEMA_VERSION
+    assert fast._STATE_SCHEMA == SCHEMA_VERSION
+    for env in ({"VMFORGE_HOME": str(tmp_path / "h")}, {"XDG_DATA_HOME": str(tmp_path / "x")},
+                {"HOME": str(tmp_path / "home")}):
+        for k in ("VMFORGE_HOME", "XDG_DATA_HOME"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        assert fast.data_root() == str(default_data_dir())
+
+
+def _row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, state: str = "running",
+         runtime: object = None, agent: bool = True) -> None:
+    import json
+
+    from vmforge.state import Database
+    monkeypatch.setenv("VMFORGE_HOME", str(tmp_path))
+    db = Database(tmp_path / "state.db")
+    rt = runtime if runtime is not None else {
+        "accel": "tcg", "backend": "qemu", "pid": 1,
+        "agent": {"kind": "unix", "path": str(tmp_path / "agent.sock")}}
+    with db.tx() as c:
+        cols = {r[1]: r for r in c.execute("PRAGMA table_info(vms)").fetchall()}
+        values = {"name": "vm", "state": state, "dir": str(tmp_path / "vm"),
+                  "backend": "qemu", "created_at": 1.0, "runtime": json.dumps(rt),
+                  "spec": json.dumps({"name": "vm", "spec": {"agent": {"enabled": agent}}})}
+        for col, info in cols.items():  # any other NOT NULL column gets a plain value
+            if info[3] and info[4] is None and col not in values:
+                values[col] = 0
+        c.execute(f"INSERT INTO vms ({', '.join(values)}) VALUES "
+                  f"({', '.join('?' * len(values))})", tuple(values.values()))
+    db.close()
+
+
+def test_quick_endpoint_of_a_running_vm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _row(tmp_path, monkeypatch)
+    assert fast.quick_agent_endpoint("vm") == str(tmp_path / "agent.sock")
+    assert fast.quick_agent_endpoint("other") is None
+
+
+@pytest.mark.parametrize("kw", [{"state": "stopped"}, {"state": "starting"}, {"agent": False},
+                                {"runtime": {"backend": "qemu"}},
+                                {"runtime": {"agent": {"kind": "vsock", "cid": "x"}}}])
+def test_anything_unusual_goes_the_managers_way(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                kw: dict[str, object]) -> None:
+    _row(tmp_path, monkeypatch, **kw)  # type: ignore[arg-type]
+    assert fast.quick_agent_endpoint("vm") is None
+
+
+def test_quick_endpoint_for_vsock_and_hybrid(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    _row(tmp_path, monkeypatch, runtime={"agent": {"kind": "hvsock", "path": "/r/v.sock",
+                                                   "port": 1024}})
+    assert fast.quick_agent_endpoint("vm") == "hvsock:/r/v.sock:1024"
+
+
+def test_no_database_no_quick_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMFORGE_HOME", str(tmp_path / "none"))
+    assert fast.quick_agent_endpoint("vm") is None
+    assert not (tmp_path / "none").exists()  # a read never creates the data directory
+
+
+def test_a_refused_quick_connection_falls_back_to_the_manager(tmp_path: Path) -> None:
+    """A VM whose process died leaves its socket path behind: the quick path is refused and
+    the manager (which reconciles and explains) is asked instead."""
+    import socket
+
+    from vmforge.errors import VmNotFound
+    sock = tmp_path / "agent.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    s.close()  # bound, never listening: connections are refused
+    asked = []
+
+    class Manager:
+        def agent(self, name: str, **kw: object) -> object:
+            asked.append(name)
+            raise VmNotFound(f"no VM named {name!r}")
+
+    with pytest.raises(VmNotFound):
+        fast.exec_command(lambda: Manager(), "vm", ["true"],  # type: ignore[arg-type,return-value]
+                          endpoint=str(sock))
+    assert asked == ["vm"]
