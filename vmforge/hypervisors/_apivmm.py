@@ -28,6 +28,7 @@ from .. import run
 from ..errors import HostError, LaunchError, VmError
 from ..fsutil import tail_text
 from ..paths import VmPaths
+from ._apisnap import RESTORE_DIR, ApiStateSaver, unpack_state
 from ._unixhttp import ApiResponse, call
 from .base import (
     AGENT_VSOCK_PORT,
@@ -65,9 +66,10 @@ class SupportsSnapshots(Protocol):
                 src_dir: Path) -> Runtime: ...
 
 
-class ApiVmmDriver(Driver):
+class ApiVmmDriver(ApiStateSaver, Driver):
     """A driver for a VMM configured over HTTP on a unix socket; subclasses give the names,
-    the command line, the requests and how to read the VM's state."""
+    the command line, the requests and how to read the VM's state. Memory snapshots through
+    :class:`vmforge.hypervisors.base.SavesState`: :mod:`vmforge.hypervisors._apisnap`."""
 
     binary_name: ClassVar[str]
     install_hint: ClassVar[str]
@@ -96,7 +98,7 @@ class ApiVmmDriver(Driver):
     def power_button_request(self) -> ApiRequest: ...
 
     @abstractmethod
-    async def quit(self, rt: Runtime) -> None:
+    async def ask_to_quit(self, rt: Runtime) -> None:
         """Make the VMM exit without the guest's help (after the power button failed)."""
 
     @abstractmethod
@@ -111,6 +113,12 @@ class ApiVmmDriver(Driver):
 
     @abstractmethod
     def restore_requests(self, plan: MachinePlan, src_dir: str) -> list[ApiRequest]: ...
+
+    @abstractmethod
+    def load_requests(self, plan: MachinePlan, host: Any, src_dir: Path,
+                      manifest: dict[str, Any]) -> list[ApiRequest]:
+        """A fresh VMM's calls that load the unpacked state in ``src_dir`` with ``plan``'s
+        own devices (paths, taps, sockets), leaving the VM paused."""
 
     def prepare_files(self, plan: MachinePlan) -> None:
         """Files the VMM opens but does not create (hook)."""
@@ -144,6 +152,16 @@ class ApiVmmDriver(Driver):
         return BackendStatus(True, path)
 
     def start(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None]) -> Runtime:
+        """Boot ``plan``; or, when it has ``incoming`` (a state file of ``save_state``), load
+        that state with this VM's own devices and leave it paused (``resume`` runs it)."""
+        if plan.incoming:
+            work = Path(plan.vm_dir) / RESTORE_DIR
+            manifest = unpack_state(Path(plan.incoming), work)
+            if manifest.get("backend") != self.backend.value:
+                raise LaunchError(f"the saved state is {manifest.get('backend')}'s, not "
+                                  f"{self.binary_name}'s")
+            return self._launch(plan, record, self.load_requests(plan, host, work, manifest),
+                                expect_version=str(manifest.get("vmm_version")))
         return self._launch(plan, record, self.boot_requests(plan, host))
 
     def restore(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None],
@@ -170,7 +188,7 @@ class ApiVmmDriver(Driver):
             raise
 
     def _launch(self, plan: MachinePlan, record: Callable[[Runtime], None],
-                requests: list[ApiRequest]) -> Runtime:
+                requests: list[ApiRequest], expect_version: str | None = None) -> Runtime:
         if plan.accel is not Accel.KVM:
             raise HostError(f"{self.binary_name} runs on KVM only, and VM {plan.name} would run "
                             f"under {plan.accel.value}",
@@ -190,7 +208,8 @@ class ApiVmmDriver(Driver):
                                   port=AGENT_VSOCK_PORT)
         out = self.output_log(plan.vm_dir)
         rt = Runtime(self.backend, Accel.KVM, api, agent, pid=None, marker=api,
-                     extra={"console": plan.console_log, "log": str(out)})
+                     extra={"console": plan.console_log, "log": str(out),
+                            "vm_dir": plan.vm_dir})
         # Durable before the process exists: its marker is known, so a crash of ours from
         # here on leaves a VMM that `find` recognises.
         record(rt)
@@ -200,6 +219,12 @@ class ApiVmmDriver(Driver):
         try:
             record(rt)
             self._wait_api(rt, argv)
+            if expect_version is not None and \
+                    (version := self.vmm_version(rt)) != expect_version:
+                raise LaunchError(f"the saved state was written by {self.binary_name} "
+                                  f"{expect_version}; this one is {version}", argv=argv,
+                                  hint="a saved state loads only into the version that "
+                                       "wrote it; boot the VM cold instead")
             for req in requests:
                 self._send(rt, req, what="start", argv=argv)
         except BaseException:
@@ -231,9 +256,9 @@ class ApiVmmDriver(Driver):
             time.sleep(0.01)
 
     def _send(self, rt: Runtime, req: ApiRequest, *, what: str,
-              argv: list[str] | None = None) -> ApiResponse:
+              argv: list[str] | None = None, timeout: float | None = None) -> ApiResponse:
         try:
-            resp = call(rt.control, *_args(req), timeout=API_TIMEOUT)
+            resp = call(rt.control, *_args(req), timeout=timeout or API_TIMEOUT)
         except OSError as exc:
             raise LaunchError(f"{self.binary_name} stopped answering at {req.method} "
                               f"{req.path} ({what}): {exc}", argv=argv or (),
@@ -262,7 +287,7 @@ class ApiVmmDriver(Driver):
             if Path(vsock).exists() else None
         return Runtime(self.backend, Accel.KVM, api, agent, pid=pid, marker=api,
                        extra={"console": str(paths.console),
-                              "log": str(self.output_log(vm_dir))})
+                              "log": str(self.output_log(vm_dir)), "vm_dir": str(vm_dir)})
 
     def find(self, name: str, vm_dir: Path) -> Runtime | None:
         api = self.api_socket(str(VmPaths(vm_dir).sockets))
@@ -309,7 +334,7 @@ class ApiVmmDriver(Driver):
             except OSError:
                 pass
             try:
-                await self.quit(rt)
+                await self.ask_to_quit(rt)
             except OSError:  # a VMM that exits as it answers may not finish the answer
                 pass
             if await _wait_gone(pid, marker, 3):

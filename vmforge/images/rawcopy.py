@@ -27,7 +27,8 @@ from pathlib import Path
 
 from ..errors import ImageError
 
-__all__ = ["create_raw_copy", "create_raw_disk", "raw_conversion", "FICLONE", "QCOW2_MAGIC"]
+__all__ = ["create_raw_copy", "create_raw_disk", "raw_conversion", "flatten_to_raw", "FICLONE",
+           "QCOW2_MAGIC"]
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -180,3 +181,58 @@ def create_raw_disk(src: str | Path, dst: str | Path, size_bytes: int | None = N
         dst.unlink(missing_ok=True)
         raise
     return "converted"
+
+
+def _overlay_facts(path: Path) -> tuple[int, Path | None, bool]:
+    """(virtual size, backing file, has data of its own) of a qcow2 image."""
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(48)
+        vsize = struct.unpack(">Q", head[24:32])[0]
+        off, size = struct.unpack(">QI", head[8:20])
+        backing = None
+        if off:
+            f.seek(off)
+            name = f.read(size).decode()
+            backing = Path(name) if Path(name).is_absolute() else path.parent / name
+        l1_size, l1_off = struct.unpack(">IQ", head[36:48])
+        f.seek(l1_off)
+        own = any(f.read(l1_size * 8))
+    return vsize, backing, own
+
+
+def flatten_to_raw(path: str | Path) -> str | None:
+    """Make a per-VM disk raw again where it is a qcow2 file (for a VMM that reads raw only,
+    Firecracker: vmforge's snapshots and restores put a thin qcow2 overlay over a raw layer).
+    An overlay with no data of its own over a raw image becomes a copy of that image
+    (reflink or sparse); any other qcow2 image is converted (``qemu-img convert``). The file
+    is replaced in one rename. Returns how, or None when it was raw already."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != QCOW2_MAGIC:
+            return None
+    vsize, backing, own = _overlay_facts(path)
+    tmp = path.with_name(f".{path.name}.raw-{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        raw_backing = False
+        if backing is not None and not own:
+            try:
+                with open(backing, "rb") as f:
+                    raw_backing = f.read(4) != QCOW2_MAGIC
+            except FileNotFoundError:
+                raise ImageError(f"{path}: its backing file {backing} is missing") from None
+        if raw_backing:
+            assert backing is not None
+            how = create_raw_copy(backing, tmp, vsize)
+        else:
+            from . import qcow2
+            qcow2.convert(path, tmp, fmt="raw")
+            if vsize > tmp.stat().st_size:
+                os.truncate(tmp, vsize)
+            how = "converted"
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return how

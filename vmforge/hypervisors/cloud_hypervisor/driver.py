@@ -11,13 +11,15 @@ boot, ``CLOUDHV.fd`` (OVMF built for Cloud Hypervisor; no separate variable stor
 from __future__ import annotations
 
 import asyncio
+import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from ...enums import Backend, DiskFormat, Firmware, Machine
 from ...errors import HostError
+from .._apisnap import SNAPSHOT_DIR, vm_dir_of
 from .._apivmm import API_TIMEOUT, ApiVmmDriver
 from .._unixhttp import ApiResponse, call
 from ..base import ApiRequest, Capabilities, Liveness, Runtime
@@ -51,7 +53,7 @@ class CloudHypervisorDriver(ApiVmmDriver):
             firmware=frozenset(Firmware), disk_formats=frozenset(DiskFormat), cdroms=False,
             needs_kvm=True, agent_transports=frozenset({"hybrid-vsock"}),
             user_net_forwards=False, direct_kernel_boot=True, firmware_boot=True,
-            survives_vmforge=True, mounts=False)
+            survives_vmforge=True, mounts=False, snapshots=True)
 
     def firmware_path(self, firmware: Firmware) -> str:
         """Where this host has the firmware file (the first default when none exists, so a
@@ -103,7 +105,7 @@ class CloudHypervisorDriver(ApiVmmDriver):
         state = data.get("state") if isinstance(data, dict) else None
         return _STATES.get(str(state), Liveness.RUNNING)
 
-    async def quit(self, rt: Runtime) -> None:
+    async def ask_to_quit(self, rt: Runtime) -> None:
         # vm.shutdown stops the guest hard but leaves the VMM; vmm.shutdown ends the process.
         await asyncio.to_thread(call, rt.control, "PUT", f"{r.API}/vm.shutdown",
                                 timeout=API_TIMEOUT)
@@ -115,3 +117,46 @@ class CloudHypervisorDriver(ApiVmmDriver):
 
     def restore_requests(self, plan: MachinePlan, src_dir: str) -> list[ApiRequest]:
         return r.restore_requests(src_dir)
+
+    # -- memory snapshots (vmforge.hypervisors._apisnap)
+    def resume_request(self) -> ApiRequest:
+        return ApiRequest("PUT", f"{r.API}/vm.resume")
+
+    def load_requests(self, plan: MachinePlan, host: Any, src_dir: Path,
+                      manifest: dict[str, Any]) -> list[ApiRequest]:
+        """Rewrite the saved ``config.json`` with this VM's files, then ``vm.restore``."""
+        cfg = src_dir / "config.json"
+        try:
+            saved = json.loads(cfg.read_text())
+        except (OSError, ValueError) as exc:
+            raise HostError(f"the saved state has no readable config.json: {exc}") from exc
+        own = r.vm_create_body(plan, None if plan.kernel else self.firmware_path(plan.firmware))
+        _write_json(cfg, r.rewrite_config(saved, own))
+        return r.load_requests(str(src_dir))
+
+    def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
+        """Cloud Hypervisor cannot move a disk onto another file while the VM runs: the paused
+        VM (its state just saved) is deleted inside the same VMM process and restored from that
+        snapshot, whose ``config.json`` names the new overlays (the same pid and sockets)."""
+        if not overlays:
+            return
+        work = vm_dir_of(rt) / SNAPSHOT_DIR
+        cfg = work / "config.json"
+        saved = json.loads(cfg.read_text())
+        for disk in saved.get("disks") or []:
+            if isinstance(disk, dict) and disk.get("id") in overlays:
+                disk["path"] = overlays[str(disk["id"])]
+        _write_json(cfg, saved)
+        self._send(rt, ApiRequest("PUT", f"{r.API}/vm.delete"), what="disk switch")
+        if rt.agent is not None and rt.agent.path:  # bound again by the restored device
+            Path(rt.agent.path).unlink(missing_ok=True)
+        for req in r.load_requests(str(work)):
+            self._send(rt, req, what="disk switch")
+
+
+def _write_json(path: Path, data: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)

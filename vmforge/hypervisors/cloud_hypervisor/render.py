@@ -21,6 +21,7 @@ release, strict: no field the document does not define). Choices:
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from ...errors import SpecError
@@ -29,7 +30,8 @@ from ..base import ApiRequest
 from ..plan import MachinePlan
 
 __all__ = ["API", "api_socket", "vsock_socket", "vm_create_body", "boot_requests",
-           "snapshot_requests", "restore_requests", "GUEST_CID", "MAX_VCPUS", "NAME"]
+           "snapshot_requests", "restore_requests", "load_requests", "rewrite_config",
+           "GUEST_CID", "MAX_VCPUS", "NAME"]
 
 NAME = "cloud-hypervisor"
 API = "/api/v1"  # the document's server base path
@@ -123,3 +125,36 @@ def restore_requests(src_dir: str) -> list[ApiRequest]:
     return [ApiRequest("PUT", f"{API}/vm.restore",
                        {"source_url": Path(src_dir).absolute().as_uri(), "prefault": False}),
             ApiRequest("PUT", f"{API}/vm.resume")]
+
+
+def load_requests(src_dir: str) -> list[ApiRequest]:
+    """In a VMM with no VM: restore from ``src_dir`` and leave the VM paused (vmforge's
+    snapshots resume it once the disks and the identity are settled)."""
+    return [ApiRequest("PUT", f"{API}/vm.restore",
+                       {"source_url": Path(src_dir).absolute().as_uri(), "prefault": False})]
+
+
+def rewrite_config(saved: dict[str, object], body: dict[str, object]) -> dict[str, object]:
+    """A snapshot's ``config.json`` with another VM's own files: each disk's path and each
+    NIC's tap (matched by device id: the device state in ``state.json`` is keyed by it), the
+    vsock socket and the serial file, from that VM's ``vm_create_body``. Everything else
+    (device model, sizes, MACs, the payload) stays as saved: it is the saved VM's hardware."""
+    out: dict[str, object] = json.loads(json.dumps(saved))
+    for key, field in (("disks", "path"), ("net", "tap")):
+        own, devs = body.get(key), out.get(key)
+        mine = {str(d["id"]): d for d in (own if isinstance(own, list) else [])
+                if isinstance(d, dict)}
+        for dev in devs if isinstance(devs, list) else []:
+            if isinstance(dev, dict) and str(dev.get("id")) in mine:
+                dev[field] = mine[str(dev["id"])][field]
+            elif isinstance(dev, dict):
+                raise SpecError(f"the saved VM has {key} device {dev.get('id')!r}, which this "
+                                "VM's spec lacks", field="spec")
+    vsock, own_vsock = out.get("vsock"), body.get("vsock")
+    if isinstance(vsock, dict) and isinstance(own_vsock, dict):
+        vsock["socket"] = own_vsock["socket"]
+    serial, own_serial = out.get("serial"), body.get("serial")
+    if isinstance(serial, dict) and isinstance(own_serial, dict) and \
+            serial.get("mode") == "File":
+        serial["file"] = own_serial["file"]
+    return out

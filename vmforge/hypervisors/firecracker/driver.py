@@ -11,9 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from ...enums import Backend, DiskFormat, Firmware, Machine
+from ...errors import LaunchError
+from ...images.rawcopy import flatten_to_raw
 from .._apivmm import ApiVmmDriver, sigterm
 from .._unixhttp import ApiResponse
 from ..base import ApiRequest, Capabilities, Liveness, Runtime
@@ -40,7 +45,7 @@ class FirecrackerDriver(ApiVmmDriver):
             firmware=frozenset({Firmware.BIOS}), disk_formats=frozenset({DiskFormat.RAW}),
             cdroms=False, needs_kvm=True, agent_transports=frozenset({"hybrid-vsock"}),
             user_net_forwards=False, direct_kernel_boot=True, firmware_boot=False,
-            survives_vmforge=True, mounts=False)
+            survives_vmforge=True, mounts=False, snapshots=True)
 
     def boot_requests(self, plan: MachinePlan, host: Any) -> list[ApiRequest]:
         return r.boot_requests(plan)
@@ -49,6 +54,10 @@ class FirecrackerDriver(ApiVmmDriver):
         # Firecracker opens its log without creating it.
         os.close(os.open(r.log_file(plan.vm_dir), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
                          0o600))
+        # Snapshots and restores (vmforge.node) put thin qcow2 overlays over raw layers;
+        # Firecracker reads raw only: such a disk becomes a raw copy of its layer first.
+        for d in plan.disks:
+            flatten_to_raw(d.path)
 
     def api_socket(self, run_dir: str) -> str:
         return r.api_socket(run_dir)
@@ -76,7 +85,7 @@ class FirecrackerDriver(ApiVmmDriver):
         state = data.get("state") if isinstance(data, dict) else None
         return _STATES.get(str(state), Liveness.RUNNING)
 
-    async def quit(self, rt: Runtime) -> None:
+    async def ask_to_quit(self, rt: Runtime) -> None:
         await asyncio.to_thread(sigterm, rt.pid, rt.marker)
 
     def snapshot_requests(self, dest_dir: str, resume: bool = True) -> list[ApiRequest]:
@@ -84,3 +93,35 @@ class FirecrackerDriver(ApiVmmDriver):
 
     def restore_requests(self, plan: MachinePlan, src_dir: str) -> list[ApiRequest]:
         return r.restore_requests(plan.vm_dir, src_dir)
+
+    # -- memory snapshots (vmforge.hypervisors._apisnap)
+    def resume_request(self) -> ApiRequest:
+        return ApiRequest("PATCH", "/vm", {"state": "Resumed"})
+
+    def saved_extra(self, rt: Runtime) -> dict[str, Any]:
+        """The drive files the snapshot names: a load reopens them there (then vmforge points
+        each drive at the restored VM's own file)."""
+        config = self._send(rt, ApiRequest("GET", "/vm/config"), what="snapshot").json()
+        drives = config.get("drives") if isinstance(config, dict) else None
+        return {"drives": {str(d.get("drive_id")): d.get("path_on_host")
+                           for d in drives or [] if isinstance(d, dict)}}
+
+    def load_requests(self, plan: MachinePlan, host: Any, src_dir: Path,
+                      manifest: dict[str, Any]) -> list[ApiRequest]:
+        gone = [p for p in (manifest.get("drives") or {}).values()
+                if p and not Path(p).exists()]
+        if gone:
+            raise LaunchError(f"Firecracker reopens a snapshot's drives where the saved VM had "
+                              f"them before vmforge can point them at this VM's own files, and "
+                              f"{gone[0]} is gone", hint="restore it while the VM it was taken "
+                              "from still has its disks (its directory), or boot cold")
+        return r.load_requests(plan, str(src_dir))
+
+    def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
+        """Each new overlay (a thin qcow2 over the raw layer) becomes a raw copy of that layer
+        (reflink where the filesystem can), and Firecracker reopens the drive's file."""
+        for disk_id, path in overlays.items():
+            flatten_to_raw(path)
+            self._send(rt, ApiRequest("PATCH", f"/drives/{quote(disk_id, safe='')}",
+                                      {"drive_id": disk_id, "path_on_host": path}),
+                       what="disk switch")

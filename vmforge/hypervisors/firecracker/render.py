@@ -29,7 +29,8 @@ from ..base import ApiRequest
 from ..plan import MachinePlan
 
 __all__ = ["api_socket", "vsock_socket", "log_file", "boot_args", "boot_requests",
-           "snapshot_requests", "restore_requests", "GUEST_CID", "MAX_VCPUS", "NAME",
+           "snapshot_requests", "restore_requests", "load_requests", "drive_list",
+           "GUEST_CID", "MAX_VCPUS", "NAME",
            "CMDLINE_TOKENS"]
 
 NAME = "firecracker"
@@ -75,6 +76,14 @@ def _refuse_unsupported(plan: MachinePlan) -> None:
                             hint="its per-VM disk is a raw copy of a raw image")
 
 
+def drive_list(plan: MachinePlan) -> list[tuple[str, str, bool]]:
+    """(drive id, file, read-only): the plan's disks in order, then the seed."""
+    drives = [(d.id, d.path, False) for d in plan.disks]
+    if plan.seed:
+        drives.append(("cidata", plan.seed, True))
+    return drives
+
+
 def boot_requests(plan: MachinePlan) -> list[ApiRequest]:
     _refuse_unsupported(plan)
     assert plan.kernel is not None  # refused above
@@ -87,10 +96,7 @@ def boot_requests(plan: MachinePlan) -> list[ApiRequest]:
     reqs.append(ApiRequest("PUT", "/boot-source", boot))
     reqs.append(ApiRequest("PUT", "/machine-config", {
         "vcpu_count": plan.cpu_cores, "mem_size_mib": plan.memory_mib, "smt": False}))
-    drives = [(d.id, d.path, False) for d in plan.disks]
-    if plan.seed:
-        drives.append(("cidata", plan.seed, True))
-    for drive_id, path, readonly in drives:
+    for drive_id, path, readonly in drive_list(plan):
         reqs.append(ApiRequest("PUT", f"/drives/{_path_id(drive_id)}", {
             "drive_id": drive_id, "path_on_host": path, "is_root_device": False,
             "is_read_only": readonly}))
@@ -132,3 +138,29 @@ def restore_requests(vm_dir: str, src_dir: str) -> list[ApiRequest]:
                 "snapshot_path": str(src / "vmstate"),
                 "mem_backend": {"backend_type": "File", "backend_path": str(src / "memory")},
                 "resume_vm": True})]
+
+
+def load_requests(plan: MachinePlan, src_dir: str) -> list[ApiRequest]:
+    """In a fresh Firecracker: the logger, then load the snapshot in ``src_dir`` with this
+    VM's own vsock socket (``vsock_override``) and taps (``network_overrides``), paused; then
+    point every drive at this VM's own file (``PATCH /drives``, allowed once a snapshot is
+    loaded) before the guest runs again. Firecracker reopens the saved drive paths at the
+    load itself, so those must still exist (the saved VM's files)."""
+    _refuse_unsupported(plan)
+    src = Path(src_dir).absolute()
+    load: dict[str, object] = {
+        "snapshot_path": str(src / "vmstate"),
+        "mem_backend": {"backend_type": "File", "backend_path": str(src / "memory")},
+        "resume_vm": False}
+    if plan.agent is not None:
+        load["vsock_override"] = {"uds_path": vsock_socket(plan.run_dir)}
+    overrides = [{"iface_id": n.id, "host_dev_name": n.tap} for n in tap_nics(plan, NAME)]
+    if overrides:
+        load["network_overrides"] = overrides
+    reqs = [ApiRequest("PUT", "/logger", {"log_path": log_file(plan.vm_dir), "level": "Info",
+                                          "show_level": True, "show_log_origin": False}),
+            ApiRequest("PUT", "/snapshot/load", load)]
+    for drive_id, path, _readonly in drive_list(plan):
+        reqs.append(ApiRequest("PATCH", f"/drives/{_path_id(drive_id)}",
+                               {"drive_id": drive_id, "path_on_host": path}))
+    return reqs
