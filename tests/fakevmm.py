@@ -114,6 +114,9 @@ class FakeVmm:
                 return self._log(method, path, None, self.error(400, f"bad JSON: {exc}"))
         with self.lock:
             op = self.oracle.operation(method, path)
+            if f"{method} {path}" in self.options.get("refuse", ()):  # failure injection
+                return self._log(method, path, body, self.error(
+                    500, f"the stand-in was told to refuse {method} {path}"))
             if op is None:
                 reply = self.not_found(method, path)
             else:

@@ -48,10 +48,10 @@ MIB = 1 << 20
 BACKENDS = ("cloud-hypervisor", "firecracker")
 
 
-def manager(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch
-            ) -> tuple[VmManager, Path]:
+def manager(tmp_path: Path, backend: str, monkeypatch: pytest.MonkeyPatch,
+            options: dict[str, Any] | None = None) -> tuple[VmManager, Path]:
     journal = tmp_path / "journal.jsonl"
-    shim = write_shim(tmp_path / "bin", backend, journal=journal)
+    shim = write_shim(tmp_path / "bin", backend, journal=journal, options=options)
     monkeypatch.setenv("PATH", f"{shim.parent}:{os.environ.get('PATH', '')}")
     # KVM does not work on this machine and the manager refuses KVM-only backends without
     # it; the stand-ins need no KVM. Only this process's manager is told otherwise.
@@ -117,8 +117,13 @@ def test_snapshot_clone_exec_rm_through_the_manager(
             assert snapshots.backing_name(disk) == str(layer)
             assert qcow2.probe_format(layer)[0] == "qcow2"
         else:
+            # pointed at the raw copy beside the disk, then at the disk once it is renamed
             assert calls(journal, n) == ["PATCH /vm", "PUT /snapshot/create",
-                                         "PATCH /drives/data", "PATCH /vm"]
+                                         "PATCH /drives/data", "PATCH /drives/data",
+                                         "PATCH /vm"]
+            patches = [e["body"]["path_on_host"] for e in read_journal(journal)[n:]
+                       if e["method"] == "PATCH" and e["path"] == "/drives/data"]
+            assert patches == [str(disk.with_name(f".{disk.name}.next")), str(disk)]
             # Firecracker reads raw only: its disk is a raw copy of the stored layer
             assert qcow2.probe_format(disk)[0] == "raw" == qcow2.probe_format(layer)[0]
             assert disk.read_bytes() == layer.read_bytes()
@@ -218,6 +223,70 @@ def test_a_stopped_snapshot_then_a_cold_start(
         m.start("src")
         assert qcow2.probe_format(disk)[0] == "raw"
         assert disk.read_bytes().startswith(b"the data disk's first bytes")
+        asyncio.run(m.delete("src", force=True))
+    finally:
+        for r in m.vms():
+            asyncio.run(m.delete(r.name, force=True, stop_timeout=0))
+        m.close()
+
+
+@pytest.mark.subprocess
+def test_a_cloud_hypervisor_switch_that_fails_keeps_the_snapshot_and_stops_the_vm(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM was deleted inside its VMM and could not be restored on the new overlay: the
+    snapshot is finished (its state was saved), the VM is recorded stopped on the new overlay
+    over the stored layer, and it boots again cold."""
+    m, journal = manager(tmp_path, "cloud-hypervisor", monkeypatch,
+                         {"refuse": ["PUT /api/v1/vm.restore"]})
+    try:
+        rec = asyncio.run(m.run(parse_request({"name": "src",
+                                               "spec": spec("cloud-hypervisor")}), timeout=30))
+        assert rec.pid
+        with pytest.raises(Exception, match=r"refused PUT /api/v1/vm.restore \(disk switch\)"):
+            snapshots.create(m, "src", "s")
+        after = m.get("src")
+        assert after.state.value == "stopped" and not pid_alive(rec.pid)
+        (snap,) = snapshots.all_snapshots(m)
+        assert snapshots.backing_name(rec.paths.disk("data")) == str(snap.layer("data"))
+        assert sorted(p.name for p in rec.dir.iterdir() if "layer-" in p.name) == []
+        assert not (rec.dir / "snapshot.json").exists()
+        m.start("src")
+        assert m.get("src").state.value == "running"
+        asyncio.run(m.delete("src", force=True))
+        snapshots.remove(m, snap.ref)
+    finally:
+        for r in m.vms():
+            asyncio.run(m.delete(r.name, force=True, stop_timeout=0))
+        m.close()
+
+
+@pytest.mark.subprocess
+def test_a_firecracker_switch_that_fails_is_undone_and_the_vm_runs_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Firecracker refused to reopen the drive: the VM still writes its old file, which is the
+    disk again; the VM runs on, nothing of the snapshot is left."""
+    m, journal = manager(tmp_path, "firecracker", monkeypatch,
+                         {"refuse": ["PATCH /drives/data"]})
+    try:
+        rec = asyncio.run(m.run(parse_request({"name": "src", "spec": spec("firecracker")}),
+                                timeout=30))
+        assert rec.pid
+        before = open_disks(rec.pid, rec.dir)
+        disk = rec.paths.disk("data")
+        inode = disk.stat().st_ino
+        with pytest.raises(Exception, match=r"refused PATCH /drives/data \(disk switch\)"):
+            snapshots.create(m, "src", "s")
+        after = m.get("src")
+        assert after.state.value == "running" and after.pid == rec.pid
+        assert open_disks(rec.pid, rec.dir) == before and disk.stat().st_ino == inode
+        assert after.runtime is not None
+        assert m.driver("firecracker").status(after.runtime).value == "running"  # resumed
+        assert snapshots.all_snapshots(m) == []
+        assert sorted(p.name for p in rec.dir.iterdir() if "layer-" in p.name or
+                      p.name.startswith(".")) == [".disk-data.qcow2.next"]
+        m.kill("src")
+        m.start("src")  # the start removes the copy of the switch that never happened
+        assert not (rec.dir / ".disk-data.qcow2.next").exists()
         asyncio.run(m.delete("src", force=True))
     finally:
         for r in m.vms():

@@ -27,8 +27,8 @@ from pathlib import Path
 
 from ..errors import ImageError
 
-__all__ = ["create_raw_copy", "create_raw_disk", "raw_conversion", "flatten_to_raw", "FICLONE",
-           "QCOW2_MAGIC"]
+__all__ = ["create_raw_copy", "create_raw_disk", "raw_conversion", "flatten_to_raw",
+           "raw_image_of", "FICLONE", "QCOW2_MAGIC"]
 
 QCOW2_MAGIC = b"QFI\xfb"
 
@@ -201,37 +201,48 @@ def _overlay_facts(path: Path) -> tuple[int, Path | None, bool]:
     return vsize, backing, own
 
 
+def raw_image_of(path: str | Path, dst: str | Path) -> str:
+    """Write ``dst`` (new) as a raw image with the content of the qcow2 image ``path``: an
+    overlay with no data of its own over a raw image is a copy of that image (reflink or
+    sparse, grown to the overlay's size); any other qcow2 image is converted (``qemu-img
+    convert``). Returns how. On failure ``dst`` does not exist."""
+    path, dst = Path(path), Path(dst)
+    vsize, backing, own = _overlay_facts(path)
+    raw_backing = False
+    if backing is not None and not own:
+        try:
+            with open(backing, "rb") as f:
+                raw_backing = f.read(4) != QCOW2_MAGIC
+        except FileNotFoundError:
+            raise ImageError(f"{path}: its backing file {backing} is missing") from None
+    if raw_backing:
+        assert backing is not None
+        return create_raw_copy(backing, dst, vsize)
+    from . import qcow2
+    try:
+        qcow2.convert(path, dst, fmt="raw")
+        os.chmod(dst, 0o600)
+        if vsize > dst.stat().st_size:
+            os.truncate(dst, vsize)
+    except BaseException:
+        dst.unlink(missing_ok=True)
+        raise
+    return "converted"
+
+
 def flatten_to_raw(path: str | Path) -> str | None:
     """Make a per-VM disk raw again where it is a qcow2 file (for a VMM that reads raw only,
-    Firecracker: vmforge's snapshots and restores put a thin qcow2 overlay over a raw layer).
-    An overlay with no data of its own over a raw image becomes a copy of that image
-    (reflink or sparse); any other qcow2 image is converted (``qemu-img convert``). The file
-    is replaced in one rename. Returns how, or None when it was raw already."""
+    Firecracker: vmforge's snapshots and restores put a thin qcow2 overlay over a raw layer),
+    with ``raw_image_of``; the file is replaced in one rename. Returns how, or None when it
+    was raw already."""
     path = Path(path)
     with open(path, "rb") as f:
         if f.read(4) != QCOW2_MAGIC:
             return None
-    vsize, backing, own = _overlay_facts(path)
     tmp = path.with_name(f".{path.name}.raw-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
-        raw_backing = False
-        if backing is not None and not own:
-            try:
-                with open(backing, "rb") as f:
-                    raw_backing = f.read(4) != QCOW2_MAGIC
-            except FileNotFoundError:
-                raise ImageError(f"{path}: its backing file {backing} is missing") from None
-        if raw_backing:
-            assert backing is not None
-            how = create_raw_copy(backing, tmp, vsize)
-        else:
-            from . import qcow2
-            qcow2.convert(path, tmp, fmt="raw")
-            if vsize > tmp.stat().st_size:
-                os.truncate(tmp, vsize)
-            how = "converted"
-        os.chmod(tmp, 0o600)
+        how = raw_image_of(path, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

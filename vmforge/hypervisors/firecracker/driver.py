@@ -18,7 +18,9 @@ from urllib.parse import quote
 
 from ...enums import Backend, DiskFormat, Firmware, Machine
 from ...errors import LaunchError
-from ...images.rawcopy import flatten_to_raw
+from ...images.rawcopy import flatten_to_raw, raw_image_of
+from ...paths import VmPaths
+from .._apisnap import vm_dir_of
 from .._apivmm import ApiVmmDriver, sigterm
 from .._unixhttp import ApiResponse
 from ..base import ApiRequest, Capabilities, Liveness, Runtime
@@ -57,6 +59,7 @@ class FirecrackerDriver(ApiVmmDriver):
         # Snapshots and restores (vmforge.node) put thin qcow2 overlays over raw layers;
         # Firecracker reads raw only: such a disk becomes a raw copy of its layer first.
         for d in plan.disks:
+            next_disk(d.path).unlink(missing_ok=True)  # of a switch that never took place
             flatten_to_raw(d.path)
 
     def api_socket(self, run_dir: str) -> str:
@@ -118,10 +121,37 @@ class FirecrackerDriver(ApiVmmDriver):
         return r.load_requests(plan, str(src_dir))
 
     def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
-        """Each new overlay (a thin qcow2 over the raw layer) becomes a raw copy of that layer
-        (reflink where the filesystem can), and Firecracker reopens the drive's file."""
+        """Each new overlay P (a thin qcow2 over the raw layer S) is replaced by a raw copy of
+        S, in an order that leaves every crash recoverable by ``vmforge.node.snapshots``: the
+        copy is made beside P (``next_disk``), Firecracker is pointed at it (``PATCH``; the VM
+        is paused, no I/O is in flight), then it is renamed over P (the open file follows)
+        and Firecracker is pointed at P again so that its own record names the real path.
+        Until the first PATCH, P is still the overlay over S and the VMM writes S (undone);
+        after it, the VMM writes the copy, and ``rebase_disk`` finishes the rename."""
         for disk_id, path in overlays.items():
-            flatten_to_raw(path)
-            self._send(rt, ApiRequest("PATCH", f"/drives/{quote(disk_id, safe='')}",
-                                      {"drive_id": disk_id, "path_on_host": path}),
-                       what="disk switch")
+            nxt = next_disk(path)
+            nxt.unlink(missing_ok=True)
+            raw_image_of(path, nxt)
+            self._patch_drive(rt, disk_id, str(nxt))
+            os.replace(nxt, path)
+            self._patch_drive(rt, disk_id, path)
+
+    def rebase_disk(self, rt: Runtime, disk: str, backing: str) -> None:
+        """Nothing names a backing file in a raw copy; a switch that a crash interrupted
+        between pointing Firecracker at the copy and renaming it over the disk is finished."""
+        path = VmPaths(vm_dir_of(rt)).disk(disk)
+        nxt = next_disk(path)
+        if nxt.exists():
+            os.replace(nxt, path)
+            self._patch_drive(rt, disk, str(path))
+
+    def _patch_drive(self, rt: Runtime, disk_id: str, path: str) -> None:
+        self._send(rt, ApiRequest("PATCH", f"/drives/{quote(disk_id, safe='')}",
+                                  {"drive_id": disk_id, "path_on_host": path}),
+                   what="disk switch")
+
+
+def next_disk(path: str | Path) -> Path:
+    """Where the raw copy of a switch is made before it takes the disk's name."""
+    p = Path(path)
+    return p.with_name(f".{p.name}.next")
