@@ -13,7 +13,7 @@ import pytest
 
 from vmforge.errors import ImageError, SpecError, VmError, VmExists
 from vmforge.hypervisors import get_driver
-from vmforge.hypervisors.base import Accel, Backend, SavesState
+from vmforge.hypervisors.base import Accel, Backend, SavesState, SnapshotsInOneStep
 from vmforge.hypervisors.qemu.render import qemu_argv
 from vmforge.hypervisors.qemu.snapshot import incoming_uri, read_state_header
 from vmforge.images import qcow2
@@ -153,10 +153,15 @@ def test_capabilities_and_field_named_refusals() -> None:
     qemu = get_driver(Backend.QEMU)
     assert qemu.capabilities().snapshots and isinstance(qemu, SavesState)
     assert qemu.capabilities().to_json()["snapshots"] is True
-    libvirt = get_driver(Backend.LIBVIRT)
-    assert libvirt.capabilities().snapshots is False
-    with pytest.raises(SpecError, match=r"^spec.hypervisor: libvirt cannot save"):
-        snapshots.saver(libvirt)
+    libvirt = get_driver(Backend.LIBVIRT)  # libvirt's external snapshot, in one step
+    assert libvirt.capabilities().snapshots and isinstance(libvirt, SavesState)
+    assert isinstance(libvirt, SnapshotsInOneStep) and not isinstance(qemu, SnapshotsInOneStep)
+    for backend in Backend:
+        drv = get_driver(backend)
+        if not drv.capabilities().snapshots:
+            with pytest.raises(SpecError, match=rf"^spec.hypervisor: {backend.value} cannot "
+                                                "save"):
+                snapshots.saver(drv)
 
     def refused(spec: dict[str, object]) -> str:
         req = parse_request({"name": "x", "spec": {"kernel": {"kernel": "/k"}, **spec}})

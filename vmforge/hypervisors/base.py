@@ -20,7 +20,7 @@ from ..enums import Backend, DiskFormat, Firmware, Machine
 
 __all__ = ["Backend", "Accel", "Liveness", "StopOutcome", "EndpointKind", "AgentEndpoint",
            "Capabilities", "Runtime", "ApiRequest", "Rendered", "BackendStatus", "Driver",
-           "AGENT_PORT_NAME", "AGENT_VSOCK_PORT", "SavesState"]
+           "AGENT_PORT_NAME", "AGENT_VSOCK_PORT", "SavesState", "SnapshotsInOneStep"]
 
 AGENT_PORT_NAME = "org.vmforge.agent.0"
 AGENT_VSOCK_PORT = 1024
@@ -254,3 +254,28 @@ class SavesState(Protocol):
         not one."""
 
     def generation_id(self, rt: Runtime) -> str | None: ...
+
+
+@runtime_checkable
+class SnapshotsInOneStep(Protocol):
+    """Optional, beside :class:`SavesState`, for a hypervisor that saves memory and switches
+    the disks onto new overlays in one call and cannot do the two apart (libvirt's external
+    snapshot: ``virDomainSnapshotCreateXML``). ``vmforge.node.snapshots`` then pauses the VM,
+    reads each disk's overlay while nothing writes it (so the new overlay can name, in its
+    header, the library path that overlay will be stored at), calls ``snapshot`` and renames
+    the new overlays to the disks' own paths. Of :class:`SavesState` such a driver uses
+    ``top_nodes``, ``resume``, ``quit``, ``run_state``, ``cancel_save`` and the restore half.
+    """
+
+    def pause(self, rt: Runtime) -> None:
+        """Stop the guest's CPUs; its disk images are flushed and no longer written."""
+
+    def snapshot(self, rt: Runtime, dest: Path, overlays: Mapping[str, str], *,
+                 stop: bool, timeout: float) -> None:
+        """Save memory and device state to ``dest`` and put each disk (by id) on its new
+        overlay (made by the caller; a new path), in one step. The VM is left paused, or
+        (``stop``) ended. Raises, with the VM on its old disks, if it could not."""
+
+    def adopt_disks(self, rt: Runtime, paths: Mapping[str, str]) -> None:
+        """Record ``paths`` (each disk's own path, now naming the overlay ``snapshot``
+        switched it to) as the disks of the VM's next start."""

@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any, cast
 from ..errors import ImageError, InvalidState, SpecError, VmError, VmforgeError, VmNotFound
 from ..events import Event, Progress, no_progress
 from ..failpoints import hit
-from ..hypervisors.base import Liveness, SavesState
+from ..hypervisors.base import Liveness, SavesState, SnapshotsInOneStep
 from ..images import qcow2
-from ..images.library import LAYER_ROLE, SNAPSHOT_KIND, Image, check_name, parse_ref
+from ..images.library import LAYER_ROLE, SNAPSHOT_KIND, Image, check_name, parse_ref, sha256_file
 from .states import TRANSIENT, ExitReason, VmState
 
 if TYPE_CHECKING:
@@ -158,7 +158,7 @@ def remove(m: VmManager, ref: str) -> Snapshot:
 def saver(drv: Driver) -> SavesState:
     if not drv.capabilities().snapshots or not isinstance(drv, SavesState):
         raise SpecError(f"{drv.backend.value} cannot save or restore a VM's memory here",
-                        field="spec.hypervisor", hint="use hypervisor: qemu")
+                        field="spec.hypervisor", hint="use hypervisor: qemu or libvirt")
     return drv
 
 
@@ -264,6 +264,8 @@ def create(m: VmManager, vm: str, name: str | None = None, *, stop: bool = False
                                "VM's memory", hint=f"`vmforge start {vm}` first")
         drv = m.driver(rec.backend)
         state = check_snapshottable(rec.req, drv)
+        if isinstance(drv, SnapshotsInOneStep):
+            return _create_in_one_step(m, rec, drv, state, name, stop, progress, timeout)
         return _create_locked(m, rec, drv, state, name, stop, progress, timeout)
     finally:
         m._settle_net(vm)
@@ -357,6 +359,239 @@ def _create_locked(m: VmManager, rec: VmRecord, drv: Driver, saver_: SavesState,
         else:
             _journal_path(rec).unlink(missing_ok=True)
         raise
+
+
+def _create_in_one_step(m: VmManager, rec: VmRecord, drv: Any, saver_: SavesState,
+                        name: str, stop: bool, progress: Progress,
+                        timeout: float) -> Snapshot:
+    """``create`` for a hypervisor that saves memory and switches disks in one call
+    (:class:`SnapshotsInOneStep`: libvirt). Its new overlays get new paths T (the disk's own
+    path P cannot be reused while it is open), and their headers name, from the start, the
+    library path the old overlay will be stored at (its sha256, read while the VM is paused),
+    so no overlay is ever rebased while the hypervisor writes it:
+
+    1. the journal; the VM paused; each overlay P gets a second name S (the layer) and is
+       hashed; a new overlay T over ``blobs/SHA256`` (not there yet: the hypervisor attaches
+       the open image as T's backing and never opens that name);
+    2. the hypervisor saves the state and switches each disk to T (and, ``stop``, ends the VM);
+    3. P becomes a name of T too (the disk's path for later starts; the running hypervisor
+       keeps T's own name until its next snapshot, when it reopens that image read-only by
+       it), the VM's next-start definition says P, and the VM runs again;
+    4. the state and the layers S go into the library (``blobs/SHA256`` appears), pinned.
+    """
+    vm = rec.name
+    rt = rec.runtime
+    assert rt is not None
+    token = f"{time.time_ns():x}"
+    lib = m.library
+    lib.tmp.mkdir(parents=True, exist_ok=True, mode=0o700)
+    state_tmp = lib.tmp / f"in-{os.getpid()}-state-{token}"
+    disks: dict[str, dict[str, str]] = {}
+    for disk in rec.req.spec.disks:
+        disks[disk.id] = {"p": str(rec.paths.disk(disk.id)),
+                          "s": str(rec.dir / f"layer-{disk.id}-{token}.qcow2"),
+                          "t": str(rec.dir / f".disk-{disk.id}.top-{token}.qcow2"),
+                          "s2": str(lib.tmp / f"in-{os.getpid()}-layer-{disk.id}-{token}"),
+                          "b": ""}
+    generation = saver_.generation_id(rt)
+    journal: dict[str, Any] = {"op": "snapshot", "mode": "one-step", "name": name,
+                               "stop": stop, "token": token, "state": str(state_tmp),
+                               "disks": disks, "saved": False, "generation": generation}
+    _write_journal(rec, journal)
+    m._transition(vm, (VmState.RUNNING,), VmState.SNAPSHOTTING)
+    progress(Event(vm, "state", VmState.SNAPSHOTTING.value))
+    hit("snapshot.journal")
+    try:
+        t0 = time.monotonic()
+        drv.pause(rt)
+        for d in disks.values():
+            p, s, t = Path(d["p"]), Path(d["s"]), Path(d["t"])
+            os.link(p, s)
+            d["b"] = str(lib.blob_path(sha256_file(s)))
+            _, vsize = qcow2.probe_format(p)
+            qcow2.create_overlay(s, t, vsize, backing_format="qcow2")
+            _name_backing(t, d["b"])
+            os.chmod(t, 0o600)
+        journal["disks"] = disks
+        _write_journal(rec, journal)
+        hit("snapshot.overlays")
+        progress(Event(vm, "snapshot", "saving memory and device state"))
+        try:
+            drv.snapshot(rt, state_tmp, {k: d["t"] for k, d in disks.items()}, stop=stop,
+                         timeout=timeout)
+        except VmforgeError:
+            state_tmp.unlink(missing_ok=True)
+            raise
+        saved_s = time.monotonic() - t0
+        journal["saved"] = True
+        _write_journal(rec, journal)
+        hit("snapshot.switched")
+        info = saver_.state_info(state_tmp)
+        _take_overlays(rec, drv, rt, disks, stop)
+        hit("snapshot.renamed")
+        if not stop:
+            saver_.resume(rt)
+        paused_s = time.monotonic() - t0
+        progress(Event(vm, "snapshot", f"VM paused {paused_s:.2f}s; storing the snapshot"))
+        hit("snapshot.resumed")
+        snap = _store(m, rec, name, state_tmp, disks, {**info, "generation_id": generation},
+                      paused_s, saved_s, token)
+        _check_layers(snap, disks)
+        hit("snapshot.stored")
+        _finish(m, rec, stopped=stop)
+        progress(Event(vm, "state", VmState.STOPPED.value if stop else VmState.RUNNING.value))
+        return snap
+    except BaseException:
+        row = m._row(vm)
+        if row is not None and row.state is VmState.SNAPSHOTTING:
+            recover(m, row, why=None)
+        else:
+            _journal_path(rec).unlink(missing_ok=True)
+        raise
+
+
+def _name_backing(path: Path, backing: str) -> None:
+    """Point a new (unopened) overlay made by ``qcow2.create_overlay`` at ``backing``: the
+    name is the last thing in its header cluster."""
+    with open(path, "r+b") as f:
+        head = f.read(20)
+        off, size = struct.unpack(">QI", head[8:20])
+        name = backing.encode()
+        if not off or off + max(size, len(name)) > 1 << 16:
+            raise VmError(f"cannot name {backing} as the backing file of {path}")
+        f.seek(off)
+        f.write(name + b"\0" * max(0, size - len(name)))
+        f.seek(16)
+        f.write(struct.pack(">I", len(name)))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _take_overlays(rec: VmRecord, drv: Any, rt: Runtime, disks: dict[str, dict[str, str]],
+                   stop: bool) -> None:
+    """After the switch: P names the new overlay T (T keeps its own name while the
+    hypervisor runs on it), the VM's next start uses P, older T names go."""
+    for d in disks.values():
+        p, t = Path(d["p"]), Path(d["t"])
+        if not t.exists():
+            continue  # done before (recovery)
+        if stop:
+            os.replace(t, p)
+        else:
+            tmp = rec.dir / f".{p.name}.link-{os.getpid()}"
+            tmp.unlink(missing_ok=True)
+            os.link(t, tmp)
+            os.replace(tmp, p)
+    if disks:
+        _fsync_dir(rec.dir)
+        drv.adopt_disks(rt, {k: d["p"] for k, d in disks.items()})
+    for disk_id, d in disks.items():  # the images they name are read-only backings now
+        for old in rec.dir.glob(f".disk-{disk_id}.top-*.qcow2"):
+            if str(old) != d["t"]:
+                old.unlink(missing_ok=True)
+
+
+def _check_layers(snap: Snapshot, disks: dict[str, dict[str, str]]) -> None:
+    """Each new overlay names its layer's library path: the stored layer must be there, and
+    S (its second name in the VM's directory) goes."""
+    for disk_id, d in disks.items():
+        blob = snap.layer(disk_id)
+        if blob is None or str(blob) != d["b"]:
+            if not os.path.exists(d["b"]):  # keep the VM's chain readable, say so
+                os.link(d["s"], d["b"])
+            raise VmError(f"disk {disk_id}'s overlay changed while the VM was paused "
+                          f"(stored as {blob}, expected {d['b']})")
+        Path(d["s"]).unlink(missing_ok=True)
+
+
+def _recover_in_one_step(m: VmManager, rec: VmRecord, journal: dict[str, Any],
+                         why: str | None) -> VmRecord | None:
+    """``recover`` for :func:`_create_in_one_step`. The hypervisor switched the disks or it
+    did not (one call, all disks): if it did (the VM runs on T, or T was renamed to P
+    already), the snapshot is finished; else it is undone. The VM then runs again, or ends
+    if the snapshot was finished with ``stop``."""
+    drv = m.driver(rec.backend)
+    state = drv if isinstance(drv, SavesState) else None
+    rt = rec.runtime
+    alive = False
+    if rt is not None:
+        try:
+            alive = drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED)
+        except VmforgeError:
+            alive = False
+    disks = cast(dict[str, dict[str, str]], journal.get("disks") or {})
+    state_file = Path(str(journal.get("state")))
+    tops: dict[str, str] = {}
+    if rt is not None and state is not None:
+        try:
+            if alive:
+                state.cancel_save(rt)  # a job of the dead process runs on in the hypervisor
+            tops = state.top_nodes(rt) if disks else {}
+        except VmforgeError:
+            tops = {}
+    switched = False
+    for disk_id, d in disks.items():
+        if d.get("b") and (backing_name(Path(d["p"])) == d["b"]
+                           or tops.get(disk_id[:20]) == d["t"]):
+            switched = True
+    if not disks:
+        switched = bool(journal.get("saved")) and _complete(state, state_file)
+    problems: list[str] = []
+    stop = bool(journal.get("stop"))
+    if switched:
+        try:
+            if rt is not None:
+                _take_overlays(rec, drv, rt, disks, stop or not alive)
+            snap = _committed(m, str(journal.get("token")))
+            if snap is None:
+                if not journal.get("saved") and not _complete(state, state_file):
+                    raise VmError("its saved state is incomplete")
+                tmp = m.library.tmp
+                mine = tmp / f"in-{os.getpid()}-state-{journal.get('token')}"
+                os.replace(state_file, mine)
+                ds = {k: {**d, "s2": str(tmp / f"in-{os.getpid()}-layer-{k}-"
+                                           f"{journal.get('token')}")}
+                      for k, d in disks.items()}
+                info = {**read_info(state, mine), "generation_id": journal.get("generation")}
+                try:
+                    snap = _store(m, rec, str(journal["name"]), mine, ds, info, None, None,
+                                  str(journal.get("token")))
+                finally:
+                    mine.unlink(missing_ok=True)
+            _check_layers(snap, disks)
+        except (VmforgeError, OSError) as exc:
+            problems.append(f"the snapshot could not be finished ({exc})")
+    else:
+        for d in disks.values():
+            Path(d["t"]).unlink(missing_ok=True)
+            Path(d["s"]).unlink(missing_ok=True)
+    for d in disks.values():
+        Path(d["s2"]).unlink(missing_ok=True)
+    state_file.unlink(missing_ok=True)
+    if alive and rt is not None and state is not None:
+        try:
+            if switched and stop:
+                state.quit(rt)
+                alive = False
+            else:
+                state.resume(rt)
+        except VmforgeError as exc:
+            problems.append(f"{'stopping' if switched and stop else 'resuming'} the VM "
+                            f"failed: {exc.message}")
+    error = "; ".join([*([why] if why else []), *problems]) or None
+    if alive and rt is not None and drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED):
+        _finish(m, rec, stopped=False, error=error)
+    else:
+        _finish(m, rec, stopped=True, error=None if stop and switched and not problems
+                else error)
+    return m._row(rec.name)
+
+
+def _complete(state: SavesState | None, path: Path) -> bool:
+    try:
+        return state is not None and path.is_file() and bool(state.state_info(path))
+    except VmforgeError:
+        return False
 
 
 def _store(m: VmManager, rec: VmRecord, name: str, state_tmp: Path,
@@ -459,6 +694,9 @@ def recover(m: VmManager, rec: VmRecord, why: str | None = _INTERRUPTED) -> VmRe
         return None
     if rec.state is not VmState.SNAPSHOTTING:
         return rec
+    journal = _read_journal(rec) or {}
+    if journal.get("mode") == "one-step":
+        return _recover_in_one_step(m, rec, journal, why)
     drv = m.driver(rec.backend)
     state = drv if isinstance(drv, SavesState) else None
     rt = rec.runtime
@@ -468,7 +706,6 @@ def recover(m: VmManager, rec: VmRecord, why: str | None = _INTERRUPTED) -> VmRe
             alive = drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED)
         except VmforgeError:
             alive = False
-    journal = _read_journal(rec) or {}
     disks = cast(dict[str, dict[str, str]], journal.get("disks") or {})
     nodes_now: dict[str, str] = {}
     if alive and state is not None and rt is not None:

@@ -41,12 +41,12 @@ import shutil
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from ...errors import HostError, LaunchError, VmExists
+from ...errors import HostError, LaunchError, VmError, VmExists
 from ...fsutil import tail_text
 from ..base import (
     AGENT_VSOCK_PORT,
@@ -65,6 +65,7 @@ from ..base import (
 from ..host import HostFacts
 from ..plan import MachinePlan
 from . import access
+from . import snapshot as snap
 from .render import MACHINES, NS_VMFORGE, domain_xml, parse_owner
 
 __all__ = ["LibvirtDriver", "DEFAULT_URI", "URI_ENV", "resolve_uri", "is_local", "is_system",
@@ -79,6 +80,9 @@ _NOSTATE, _RUNNING, _BLOCKED, _PAUSED, _SHUTDOWN, _SHUTOFF, _CRASHED, _PMSUSPEND
 _OFF_UNKNOWN, _OFF_SHUTDOWN, _OFF_DESTROYED, _OFF_CRASHED = 0, 1, 2, 3
 _OFF_FAILED, _OFF_DAEMON = 6, 8
 _PAUSED_CRASHED = 10
+
+#: Names of the overlays snapshots switched a running VM's disks to (node/snapshots.py).
+TOP_GLOB = ".disk-*.top-*.qcow2"
 
 
 def resolve_uri(uri: str | None = None) -> str:
@@ -182,7 +186,7 @@ class LibvirtDriver(Driver):
             disk_formats=frozenset(DiskFormat), cdroms=True, needs_kvm=False,
             agent_transports=frozenset({"virtio-serial", "vsock"}),
             user_net_forwards=True,  # through <qemu:commandline> (see render)
-            survives_vmforge=True)
+            survives_vmforge=True, snapshots=True)
 
     def render(self, plan: MachinePlan, host: HostFacts) -> Rendered:
         return Rendered(domain_xml=domain_xml(plan, host, dac_label=self._render_label()))
@@ -356,6 +360,12 @@ class LibvirtDriver(Driver):
                 record(rt)
                 return rt
             uuid = existing.UUIDString()
+        if plan.incoming:
+            return self._restore(plan, host, conn, uuid, record)
+        # Names the VM's disks were switched to by snapshots while it ran (see
+        # snapshot.py): nothing has them open now, and the domain is defined on its own paths.
+        for stale in Path(plan.vm_dir).glob(TOP_GLOB):
+            stale.unlink(missing_ok=True)
         label = self._prepare_files(plan, host, conn)
         xml = domain_xml(plan, host, dac_label=label, uuid=uuid)
         t0 = time.monotonic()
@@ -386,6 +396,54 @@ class LibvirtDriver(Driver):
         self.last_timings = {"define": t1 - t0, "create": time.monotonic() - t1}
         return rt
 
+    def _restore(self, plan: MachinePlan, host: HostFacts, conn: Any, uuid: str | None,
+                 record: Callable[[Runtime], None]) -> Runtime:
+        """Start the VM from a saved image (``plan.incoming``), left paused: its domain is
+        defined (the plan's, for later cold starts), then restored from a copy of the image
+        whose header carries the clone's own XML (libvirt restores an image only as the
+        domain that saved it: see snapshot.py)."""
+        lv = _libvirt()
+        assert plan.incoming is not None
+        state = Path(plan.incoming.removeprefix(snap.RESTORE_PREFIX))
+        try:
+            saved = snap.read_save_image(state)
+        except VmError as exc:
+            raise LaunchError(f"libvirt could not load the saved state: {exc.message}") \
+                from exc
+        label = self._prepare_files(plan, host, conn)
+        t0 = time.monotonic()
+        try:
+            dom = conn.defineXML(domain_xml(plan, host, dac_label=label, uuid=uuid))
+        except lv.libvirtError as exc:
+            raise LaunchError(f"libvirt refused the domain of VM {plan.name}: "
+                              f"{_message(exc)}", hint="see `vmforge plan` for the XML") from exc
+        rt = Runtime(Backend.LIBVIRT, plan.accel, dom.UUIDString(),
+                     self._endpoint(plan), pid=None, marker=None, extra={"uri": self.uri})
+        record(rt)
+        image = Path(plan.vm_dir) / f".restore-{os.getpid()}.state"
+        t1 = time.monotonic()
+        try:
+            image.unlink(missing_ok=True)
+            snap.write_clone_image(state, image, snap.clone_xml(saved.xml, plan,
+                                                                dom.UUIDString()))
+            t2 = time.monotonic()
+            conn.restoreFlags(str(image), None, lv.VIR_DOMAIN_SAVE_PAUSED)
+        except (lv.libvirtError, VmError, OSError) as exc:
+            if uuid is None:
+                self._undefine(dom, plan.name)
+                if is_local(self.uri) and urlsplit(self.uri).scheme.startswith("qemu"):
+                    self._remove_log(self.uri, plan.name)
+            msg = exc.message if isinstance(exc, VmError) else _message(exc)
+            raise LaunchError(f"libvirt could not load the saved state: {msg}",
+                              hint="the state file is damaged, or was written by another "
+                                   "QEMU or for other devices; `vmforge image verify` "
+                                   "re-hashes it") from exc
+        finally:
+            image.unlink(missing_ok=True)
+        self.last_timings = {"define": t1 - t0, "copy": t2 - t1,
+                             "restore": time.monotonic() - t2}
+        return rt
+
     @staticmethod
     def _endpoint(plan: MachinePlan) -> AgentEndpoint | None:
         if plan.agent is None:
@@ -414,6 +472,126 @@ class LibvirtDriver(Driver):
                 return Liveness.GONE
             raise HostError(f"libvirt at {self._uri_of(rt)}: {_message(exc)}") from exc
         return _map_state(int(state), int(reason))
+
+    # -- memory snapshots (SavesState's restore half + SnapshotsInOneStep; snapshot.py)
+    def _domain(self, rt: Runtime) -> Any:
+        dom = self._lookup(rt)
+        if dom is None:
+            raise VmError("libvirt has no domain for this VM any more")
+        return dom
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        lv = _libvirt()
+        try:
+            return fn(*args)
+        except lv.libvirtError as exc:
+            raise VmError(f"libvirt could not {what}: {_message(exc)}") from exc
+
+    def pause(self, rt: Runtime) -> None:
+        dom = self._domain(rt)
+        if dom.state(0)[0] != _PAUSED:
+            self._call("pause the VM", dom.suspend)
+
+    def snapshot(self, rt: Runtime, dest: Path, overlays: Mapping[str, str], *,
+                 stop: bool, timeout: float) -> None:
+        lv = _libvirt()
+        dom = self._domain(rt)
+        sources = snap.disk_sources(dom.XMLDesc(0))
+        targets = {}
+        for disk_id, path in overlays.items():
+            found = sources.get(disk_id[:20])
+            if found is None:
+                raise VmError(f"libvirt's domain has no disk {disk_id}")
+            targets[found[0]] = path
+        if is_system(self._uri_of(rt)) and is_local(self._uri_of(rt)):
+            who = self._qemu_principal(self._conn(self._uri_of(rt)), rt.accel)
+            if who is not None and who.uid != os.geteuid():
+                access.apply_grants(who, access.needed_grants(who, [], list(overlays.values())))
+        flags = (lv.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                 | lv.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA)
+        if stop:
+            flags |= lv.VIR_DOMAIN_SNAPSHOT_CREATE_HALT
+        xml = snap.snapshot_xml(f"vmforge-{Path(dest).name}", dest, targets)
+        self._call("save the VM's state", dom.snapshotCreateXML, xml, flags)
+
+    def adopt_disks(self, rt: Runtime, paths: Mapping[str, str]) -> None:
+        lv = _libvirt()
+        dom = self._domain(rt)
+        inactive = dom.XMLDesc(lv.VIR_DOMAIN_XML_INACTIVE | lv.VIR_DOMAIN_XML_SECURE)
+        xml = snap.with_disk_sources(inactive, {k[:20]: v for k, v in paths.items()})
+        self._call("record the VM's disks", self._conn(self._uri_of(rt)).defineXML, xml)
+
+    def save_state(self, rt: Runtime, dest: Path, timeout: float) -> None:
+        raise VmError("libvirt saves a VM's state with its disks in one step (snapshot)")
+
+    def switch_disks(self, rt: Runtime, overlays: Mapping[str, str]) -> None:
+        raise VmError("libvirt switches a VM's disks with its state in one step (snapshot)")
+
+    def rebase_disk(self, rt: Runtime, disk: str, backing: str) -> None:
+        raise VmError("libvirt's overlays name their stored layer from the start")
+
+    def top_nodes(self, rt: Runtime) -> dict[str, str]:
+        """Each disk's current image as libvirt runs it (or, stopped, would start it)."""
+        dom = self._domain(rt)
+        xml = dom.XMLDesc(0) if self._active(dom) else \
+            dom.XMLDesc(_libvirt().VIR_DOMAIN_XML_INACTIVE)
+        return {serial: source for serial, (_t, source) in snap.disk_sources(xml).items()}
+
+    def resume(self, rt: Runtime) -> None:
+        dom = self._domain(rt)
+        if dom.state(0)[0] == _PAUSED:
+            self._call("resume the VM", dom.resume)
+
+    def quit(self, rt: Runtime) -> None:
+        dom = self._lookup(rt)
+        if dom is not None:
+            self._destroy(dom)
+
+    def run_state(self, rt: Runtime) -> str:
+        dom = self._lookup(rt)
+        if dom is None:
+            return "gone"
+        state = dom.state(0)[0]
+        return {_RUNNING: "running", _PAUSED: "paused", _SHUTOFF: "shutoff"}.get(
+            state, str(state))
+
+    def cancel_save(self, rt: Runtime) -> None:
+        """A snapshot job of a vmforge that died runs on inside libvirtd: let it finish (a
+        few seconds at most), then abort what is left."""
+        lv = _libvirt()
+        dom = self._lookup(rt)
+        if dom is None:
+            return
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if dom.jobInfo()[0] == lv.VIR_DOMAIN_JOB_NONE:
+                    return
+            except lv.libvirtError:
+                return
+            time.sleep(0.1)
+        try:
+            dom.abortJob()
+        except lv.libvirtError:
+            pass
+
+    def incoming(self, state: Path) -> str:
+        return snap.RESTORE_PREFIX + str(state)
+
+    def wait_restored(self, rt: Runtime, vm_dir: Path, timeout: float) -> float:
+        """``start`` returns once libvirt loaded the state (restore is synchronous)."""
+        state = self.run_state(rt)
+        if state != "paused":
+            raise LaunchError(f"libvirt's restored VM is {state}, not paused",
+                              console_tail=tail_text(Path(vm_dir) / "console.log", 10))
+        return self.last_timings.get("restore", 0.0)
+
+    def state_info(self, state: Path) -> dict[str, Any]:
+        return snap.state_info(state)
+
+    def generation_id(self, rt: Runtime) -> str | None:
+        dom = self._lookup(rt)
+        return snap.genid(dom.XMLDesc(0)) if dom is not None else None
 
     def domain_xml(self, rt: Runtime) -> str | None:
         """What libvirt holds for the domain (``virsh dumpxml``), or None when it is gone."""

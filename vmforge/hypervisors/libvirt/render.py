@@ -32,6 +32,9 @@ Choices, and why:
   make QEMU chown every file the guest creates, which fails when QEMU is not root: under
   ``qemu:///system`` it runs as libvirt-qemu), or ``mapped`` for ``mapped-xattr``. The target
   ``dir`` is the mount tag.
+- ``<genid/>`` (QEMU's vmgenid device) whenever the plan asks for a VM generation id: libvirt
+  picks the GUID, and gives a restored domain a new one, so a clone's kernel reseeds its
+  random pool (see ``snapshot``).
 - Ownership: ``<metadata>`` holds a ``vmforge:vm`` element with the VM directory, so the driver
   adopts only the domains vmforge defined for that VM.
 """
@@ -262,6 +265,8 @@ def domain_xml(plan: MachinePlan, host: HostFacts, *, dac_label: str | None = No
     _sub(root, "name", plan.name)
     if uuid:
         _sub(root, "uuid", uuid)
+    if plan.vmgenid:  # libvirt makes one per start, and a new one for every restore
+        _sub(root, "genid")
     meta = _sub(root, "metadata")
     ET.SubElement(meta, f"{{{NS_VMFORGE}}}vm", {"name": plan.name, "vm-dir": plan.vm_dir})
     _sub(root, "memory", str(plan.memory_mib), unit="MiB")
