@@ -104,3 +104,36 @@ def test_minimal_image_to_agent_ready_snapshot_restore_stop(
             drv.kill(found)
         drv.cleanup(rt, plan.name, vm_dir)
     assert not list(Path(plan.run_dir).glob("*.sock"))
+
+
+def test_snapshot_clone_exec_through_the_manager(
+        live: tuple[ApiVmmDriver, HostFacts, DataDir]) -> None:
+    """`snapshot create`, a clone by restore and exec in it, on the real VMM (the stand-in
+    version of this is tests/unit/test_api_vmm_snapshots.py)."""
+    from vmforge.node import restore, snapshots
+    from vmforge.spec import parse_request
+    drv, _host, data = live
+    m = VmManager(data)
+    backend = drv.backend.value
+    names = (f"live-{backend[:2]}-src", f"live-{backend[:2]}-clone")
+    try:
+        asyncio.run(m.run(parse_request({"name": names[0], "spec": {
+            "hypervisor": backend, "machine": "microvm", "memory_mib": 256,
+            "kernel": {"image": "minimal"}, "nics": []}}), timeout=60))
+        snap = snapshots.create(m, names[0], f"{names[0]}-snap")
+        assert m.get(names[0]).state.value == "running"
+        clone = asyncio.run(restore.restore(m, snap.ref, names[1], timeout=60))
+        assert clone.state.value == "running"
+
+        async def hostname(name: str) -> bytes:
+            async with m.agent(name) as c:
+                return (await c.exec(["hostname"], timeout=10)).stdout
+        assert asyncio.run(hostname(names[1])).strip() == names[1].encode()
+        for n in names:
+            asyncio.run(m.delete(n, force=True))
+        snapshots.remove(m, snap.ref)
+    finally:
+        for n in names:
+            if m._row(n) is not None:
+                asyncio.run(m.delete(n, force=True, stop_timeout=0))
+        m.close()
