@@ -430,14 +430,15 @@ def test_snapshot_and_pool_routes_refuse_bad_input(
 
 def test_snapshot_of_a_vm_that_does_not_run(client: TestClient, data: DataDir,
                                             manager: VmManager, tmp_path: Path) -> None:
-    """409 at once with wait=true; with wait=false a job (202, Location) that fails the same
-    way. Either way no snapshot."""
+    """409 with wait=true; by default a job (202, Location) that fails the same way. Either
+    way no snapshot."""
     client.post("/v1/vms", json=minimal_kernel_spec(tmp_path), params={"start": False},
                 headers=AUTH)
-    r = client.post("/v1/vms/api-vm/snapshots", json={"name": "s1"}, headers=AUTH)
+    r = client.post("/v1/vms/api-vm/snapshots", json={"name": "s1"}, params={"wait": True},
+                    headers=AUTH)
     assert r.status_code == 409, r.text
     assert r.json()["error"] == "InvalidState" and "is created" in r.json()["message"]
-    r = client.post("/v1/vms/api-vm/snapshots", params={"wait": False}, headers=AUTH)
+    r = client.post("/v1/vms/api-vm/snapshots", headers=AUTH)
     assert r.status_code == 202, r.text
     job = r.json()
     assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["kind"] == "vm.snapshot"
@@ -447,7 +448,8 @@ def test_snapshot_of_a_vm_that_does_not_run(client: TestClient, data: DataDir,
         time.sleep(0.05)
         job = client.get(f"/v1/jobs/{job['id']}", headers=AUTH).json()
     assert job["state"] == "failed" and job["error"]["error"] == "InvalidState"
-    r = client.post("/v1/vms/api-vm/clone", json={"name": "c1"}, headers=AUTH)
+    r = client.post("/v1/vms/api-vm/clone", json={"name": "c1"}, params={"wait": True},
+                    headers=AUTH)
     assert r.status_code == 409 and r.json()["error"] == "InvalidState"
     assert client.get("/v1/vms/c1", headers=AUTH).status_code == 404
     client.delete("/v1/vms/api-vm", headers=AUTH)
@@ -511,6 +513,21 @@ def test_restore_of_an_unrestorable_snapshot_leaves_nothing(
             assert r.status_code == 422 and r.json()["error"] == "ImageError", r.text
             assert "another version of vmforge" in r.json()["message"]
     r = client.post("/v1/pools", json={"name": "p", "size": 1, "from_snapshot": "future"},
-                    headers=AUTH)
+                    params={"wait": True}, headers=AUTH)
     assert r.status_code == 422 and "another version" in r.json()["message"]
     _nothing_made(data, manager, snapshots=1)
+
+
+def test_pool_of_a_spec_that_cannot_be_snapshotted_is_refused_before_booting(
+        client: TestClient, data: DataDir, manager: VmManager, tmp_path: Path) -> None:
+    """The template would boot, then fail to snapshot: 422 at once, naming the field."""
+    spec = minimal_kernel_spec(tmp_path)["spec"]
+    (tmp_path / "share").mkdir()
+    spec["mounts"] = [{"source": str(tmp_path / "share"), "target": "/mnt/share"}]
+    for wait in (False, True):
+        r = client.post("/v1/pools", json={"name": "p", "size": 1, "spec": spec},
+                        params={"wait": wait}, headers=AUTH)
+        assert r.status_code == 422, r.text
+        assert r.json()["field"] == "spec.mounts[0]", r.json()
+    assert client.get("/v1/jobs", headers=AUTH).json() == []
+    _nothing_made(data, manager)

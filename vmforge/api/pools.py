@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
@@ -19,12 +19,15 @@ from ..errors import SpecError
 from ..events import Progress
 from ..node import pools
 from ..node.states import VmState
-from ..spec import NAME_RE, VmSpec
+from ..spec import NAME_RE, VmRequest, VmSpec, resolve_paths
 from .app import daemon_of
 from .images import REF_PATTERN
 from .models import VmOut
 from .snapshots import _JOB, Wait, get_snapshot_for, run_long
 from .vms import vm_out
+
+if TYPE_CHECKING:
+    from ..node.manager import VmManager
 
 __all__ = ["router"]
 
@@ -113,13 +116,25 @@ async def get_pool(request: Request, pool: PoolName) -> dict[str, Any]:
     return await asyncio.to_thread(lambda: _pool_out(d, pools.get_pool(d.manager, pool)))
 
 
+def _check_template(m: VmManager, req: VmRequest) -> None:
+    """What the spec's files, images and backend must be, and that it can be snapshotted:
+    refused (422, field-named) before the template boots. The host's part (the accelerator,
+    a running hypervisor) is the job's to find."""
+    from ..node import plan as planmod
+    from ..node.snapshots import check_snapshottable
+    drv = m.driver(req.spec.hypervisor)
+    inputs = planmod.check_inputs(req, m.library)
+    planmod.check_capabilities(req, drv.capabilities(), inputs)
+    check_snapshottable(req, drv)
+
+
 @router.post("/pools", response_model=PoolOut, status_code=201, responses=_JOB,
              summary="Create a warm pool",
              description="Keeps `size` VMs restored from `from_snapshot` ready, or from a "
                          "snapshot made for the pool of `spec` (booted once, provisioned, "
                          "saved and stopped; removed with the pool). Starts the pool's "
                          "refiller.")
-async def create_pool(request: Request, body: PoolIn, wait: Wait = True) -> JSONResponse:
+async def create_pool(request: Request, body: PoolIn, wait: Wait = False) -> JSONResponse:
     d = daemon_of(request)
     if (body.spec is None) == (body.from_snapshot is None):
         raise SpecError("give a spec or from_snapshot, exactly one of them", field="spec",
@@ -129,9 +144,10 @@ async def create_pool(request: Request, body: PoolIn, wait: Wait = True) -> JSON
                                 "from_snapshot")
     req = None
     if body.spec is not None:
-        from ..spec import VmRequest, resolve_paths
         req = resolve_paths(VmRequest(name=f"{body.name}--template", spec=body.spec),
                             d.manager.data.root)
+        await asyncio.to_thread(d.manager.ensure_images, req, d.progress())
+        await asyncio.to_thread(_check_template, d.manager, req)
     if pools.find_pool(d.manager, body.name) is not None:
         from ..errors import VmExists
         raise VmExists(f"a pool named {body.name!r} exists", hint="GET /v1/pools")

@@ -3,10 +3,11 @@ VMs restored from them and clones of running VMs (vmforge.node.restore), as the 
 ``vmforge snapshot ...``, ``vmforge run --from-snapshot`` and ``vmforge clone`` do.
 
 Taking a snapshot and restoring one are long operations that block on the hypervisor (a
-migration to a file, ``-incoming``): they run in worker threads, never on the event loop.
-With ``wait=true`` (the default) the answer is the result; with ``wait=false`` it is a job
-(202, ``Location: /v1/jobs/ID``) whose progress is readable and whose ``result`` is the same
-body. Either way every progress event goes to ``/v1/events``.
+migration to a file, ``-incoming``): they run in worker threads, never on the event loop. As
+the daemon's other long operations (``POST /v1/vms``, image pulls and builds), they answer at
+once by default, with the job doing the work (202, ``Location: /v1/jobs/ID``) whose progress
+is readable and whose ``result`` is the answer; with ``wait=true`` the answer is the result
+itself. Either way every progress event goes to ``/v1/events``.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ router = APIRouter(tags=["snapshots"])
 
 SnapRef = Annotated[str, Path(pattern=REF_PATTERN, max_length=80,
                               description="The snapshot: NAME or NAME:VERSION")]
-Wait = Annotated[bool, Query(description="Answer when done (true), or at once with the "
-                                         "job doing it (false: 202, follow /v1/jobs/ID)")]
+Wait = Annotated[bool, Query(description="Answer at once with the job doing it (false: "
+                                         "202, follow /v1/jobs/ID), or when done (true)")]
 NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$"  # a library name (no version)
 
 
@@ -143,7 +144,7 @@ _JOB: dict[int | str, dict[str, Any]] = {
                          "checksummed, listed with its parent image).")
 async def create_snapshot(request: Request, name: VmName,
                           body: Annotated[SnapshotIn | None, Body()] = None,
-                          wait: Wait = True) -> JSONResponse:
+                          wait: Wait = False) -> JSONResponse:
     d = daemon_of(request)
     body = body or SnapshotIn(name=None, stop=False, timeout=120.0)
     from ..node import snapshots
@@ -221,7 +222,7 @@ def _restored(d: Daemon, name: str) -> dict[str, Any]:
                          "random pool, clock); answered once its agent took that identity. "
                          "All or nothing: a restore that fails leaves no VM.")
 async def restore_snapshot(request: Request, ref: SnapRef, body: RestoreIn,
-                           wait: Wait = True) -> JSONResponse:
+                           wait: Wait = False) -> JSONResponse:
     d = daemon_of(request)
     from ..node.restore import restore
     await asyncio.to_thread(get_snapshot_for, d.manager, ref)
@@ -241,7 +242,7 @@ async def restore_snapshot(request: Request, ref: SnapRef, body: RestoreIn,
                          "keeps running; the snapshot, `snapshot_name` or NAME-clone, stays "
                          "in the library while clones use it) and restores that as the new "
                          "VM.")
-async def clone_vm(request: Request, name: VmName, body: CloneIn, wait: Wait = True
+async def clone_vm(request: Request, name: VmName, body: CloneIn, wait: Wait = False
                    ) -> JSONResponse:
     d = daemon_of(request)
     from ..node.restore import clone
