@@ -156,6 +156,9 @@ def test_snapshots_clones_and_pools_through_the_daemon(daemon: Daemon) -> None:
         assert clone["snapshot"] == f"{SRC}-clone:1"
         phases = {p["phase"] for p in done["progress"]}
         assert {"snapshot", "restore"} <= phases, done["progress"]
+        states = [e.get("state") for e in c.events(vm=CLONE, replay=True, follow=False)
+                  if e.get("state")]
+        assert states[:2] == ["restoring", "ready"], states  # on the event stream too
         assert sh(c, CLONE, "cat /root/before.txt") == "written-before\n"
         assert sh(c, CLONE, "hostname").strip() == CLONE
         assert c.get(SRC)["state"] == "running"

@@ -385,3 +385,20 @@ def test_snapshot_and_pool_errors_are_the_same_through_the_daemon(
     assert [r["ref"] for r in json.loads(runner.invoke(
         app, ["--data-dir", str(data.root), "snapshot", "ls", "--json"]).stdout)] == ["snap:1"]
     assert not (data.root / "pools").exists() or not list((data.root / "pools").iterdir())
+
+
+def test_pool_create_from_a_spec_is_checked_by_the_daemon(daemon: dict[str, Any],
+                                                          data: DataDir,
+                                                          tmp_path: Path) -> None:
+    """`pool create -f SPEC` sends the spec (paths on the node) and the daemon refuses one
+    that cannot be snapshotted before booting anything."""
+    spec = _spec(tmp_path)
+    (tmp_path / "share").mkdir()
+    spec.write_text(spec.read_text() + f"  mounts: [{{source: {tmp_path / 'share'}, "
+                                       "target: /mnt/share}]\n")
+    res = CliRunner().invoke(app, ["--host", "http://testserver", "pool", "create", "p",
+                                   "--size", "1", "-f", str(spec)])
+    assert res.exit_code == 2, res.output
+    assert "spec.mounts[0]: a VM with host folders cannot be snapshotted" in res.output
+    assert not (data.root / "pools").exists() or not list((data.root / "pools").iterdir())
+    assert list(data.vms.iterdir()) == []
