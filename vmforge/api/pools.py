@@ -15,7 +15,7 @@ from fastapi import APIRouter, Body, Path, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..errors import SpecError
+from ..errors import SpecError, VmExists
 from ..events import Progress
 from ..node import pools
 from ..node.states import VmState
@@ -139,6 +139,8 @@ async def create_pool(request: Request, body: PoolIn, wait: Wait = False) -> JSO
     if (body.spec is None) == (body.from_snapshot is None):
         raise SpecError("give a spec or from_snapshot, exactly one of them", field="spec",
                         hint="spec boots a template once; from_snapshot restores a snapshot")
+    if await asyncio.to_thread(pools.find_pool, d.manager, body.name) is not None:
+        raise VmExists(f"a pool named {body.name!r} exists", hint="GET /v1/pools")
     if body.from_snapshot is not None:
         await asyncio.to_thread(get_snapshot_for, d.manager, body.from_snapshot,
                                 "from_snapshot")
@@ -148,9 +150,6 @@ async def create_pool(request: Request, body: PoolIn, wait: Wait = False) -> JSO
                             d.manager.data.root)
         await asyncio.to_thread(d.manager.ensure_images, req, d.progress())
         await asyncio.to_thread(_check_template, d.manager, req)
-    if pools.find_pool(d.manager, body.name) is not None:
-        from ..errors import VmExists
-        raise VmExists(f"a pool named {body.name!r} exists", hint="GET /v1/pools")
 
     def work(progress: Progress) -> dict[str, Any]:
         try:
