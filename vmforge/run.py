@@ -106,12 +106,13 @@ def require_binary(name: str, package: str) -> str:
 # -- long-lived processes that outlive us ------------------------------------------------------
 
 def spawn_detached(argv: Sequence[str], *, log: str | Path, pidfile: str | Path,
-                   env: Mapping[str, str] | None = None) -> int:
+                   env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> int:
     """Start a process that runs on after we exit (Cloud Hypervisor and Firecracker do not
     daemonize themselves, unlike QEMU's ``-daemonize``) and return its pid.
 
     The child gets its own session (a Ctrl-C at our terminal does not reach it), stdin from
     /dev/null, stdout and stderr appended to ``log`` (owner-only), and the fixed environment.
+    ``cwd``: its working directory (relative paths in its configuration resolve there).
     Its pid is in ``pidfile`` (written atomically) before this returns; if that fails the
     child is killed. While we live, a daemon thread reaps it when it exits (no zombie looks
     alive to a pid check); once we exit, init adopts it.
@@ -125,7 +126,8 @@ def spawn_detached(argv: Sequence[str], *, log: str | Path, pidfile: str | Path,
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=fd, stderr=fd,
-                                env=_env(env), start_new_session=True, close_fds=True)
+                                env=_env(env), start_new_session=True, close_fds=True,
+                                cwd=cwd)
     except FileNotFoundError as exc:
         raise HostError(f"{argv[0]} is not installed", hint="run `vmforge doctor`") from exc
     except OSError as exc:

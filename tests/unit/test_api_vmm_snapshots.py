@@ -123,12 +123,13 @@ def test_snapshot_clone_exec_rm_through_the_manager(
                                          "PATCH /vm"]
             patches = [e["body"]["path_on_host"] for e in read_journal(journal)[n:]
                        if e["method"] == "PATCH" and e["path"] == "/drives/data"]
-            assert patches == [str(disk.with_name(f".{disk.name}.next")), str(disk)]
+            # named relative to the VM directory, where Firecracker runs
+            assert patches == [f".{disk.name}.next", disk.name]
             # Firecracker reads raw only: its disk is a raw copy of the stored layer
             assert qcow2.probe_format(disk)[0] == "raw" == qcow2.probe_format(layer)[0]
             assert disk.read_bytes() == layer.read_bytes()
             assert read_manifest(snap.state)["drives"] == {
-                "data": str(disk), "cidata": str(src.paths.seed)}
+                "data": disk.name, "cidata": src.paths.seed.name}
         assert read_manifest(snap.state)["backend"] == backend
         assert not (src.dir / "vmm-snapshot").exists()  # tidied once the VM ran again
         assert snap.as_dict()["backend"] == backend
@@ -157,8 +158,8 @@ def test_snapshot_clone_exec_rm_through_the_manager(
                 "PATCH /drives/cidata", "PATCH /vm"]
             assert load["resume_vm"] is False
             assert load["vsock_override"]["uds_path"] == clone.runtime.agent.path
-            assert restored[2]["body"]["path_on_host"] == str(clone.paths.disk("data"))
-            assert restored[3]["body"]["path_on_host"] == str(clone.paths.seed)
+            assert restored[2]["body"]["path_on_host"] == clone.paths.disk("data").name
+            assert restored[3]["body"]["path_on_host"] == clone.paths.seed.name
             assert qcow2.probe_format(clone.paths.disk("data"))[0] == "raw"
         asked = json.loads((clone.paths.sockets / "stand-in-identity.json").read_text())
         assert asked["name"] == asked["hostname"] == "clone1"  # its identity is its own
@@ -186,22 +187,32 @@ def test_snapshot_clone_exec_rm_through_the_manager(
 
 
 @pytest.mark.subprocess
-def test_a_firecracker_snapshot_needs_the_source_disks_to_load(
+def test_a_firecracker_clone_outlives_the_vm_it_came_from(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Firecracker reopens the drives at the saved paths at the load itself: once the VM it
-    was taken from is gone, a restore is refused with the reason, and leaves nothing."""
-    m, _journal = manager(tmp_path, "firecracker", monkeypatch)
+    """Firecracker reopens the saved drives at the load itself, before they can be pointed
+    elsewhere. They are named relative to the VM directory and Firecracker runs there, so a
+    clone's load opens the clone's own files: it restores after its source VM is gone."""
+    m, journal = manager(tmp_path, "firecracker", monkeypatch)
     try:
         asyncio.run(m.run(parse_request({"name": "src", "spec": spec("firecracker")}),
                           timeout=30))
         snap = snapshots.create(m, "src", "s", stop=True)
         assert m.get("src").state.value == "stopped"
         asyncio.run(m.delete("src", force=True))
-        with pytest.raises(Exception, match=r"Firecracker reopens a snapshot's drives where "
-                                            r"the saved VM had them .* is gone"):
-            asyncio.run(restore.restore(m, snap.ref, "c1", timeout=30))
-        assert m.vms() == [] and not (m.data.vms / "c1").exists()
+        assert not (m.data.vms / "src").exists()
+        n = len(read_journal(journal))
+        clone = asyncio.run(restore.restore(m, snap.ref, "c1", timeout=30))
+        assert clone.state.value == "running"
+        load = [e for e in read_journal(journal)[n:] if e["path"] == "/snapshot/load"]
+        assert load and load[0]["status"] < 300
+
+        async def exec_in_clone() -> Any:
+            async with m.agent("c1") as c:
+                return await c.exec(["echo", "clone"])
+        assert asyncio.run(exec_in_clone()).stdout == b"clone\n"
+        asyncio.run(m.delete("c1", force=True))
         snapshots.remove(m, snap.ref)
+        assert m.vms() == [] and not (m.data.vms / "c1").exists()
     finally:
         for rec in m.vms():
             asyncio.run(m.delete(rec.name, force=True, stop_timeout=0))

@@ -214,7 +214,9 @@ class ApiVmmDriver(ApiStateSaver, Driver):
         # here on leaves a VMM that `find` recognises.
         record(rt)
         argv = self.argv(binary, api, plan.name)
-        pid = run.spawn_detached(argv, log=out, pidfile=pidfile)
+        # In the VM directory: Firecracker's drives are named relative to it (a snapshot then
+        # names them so, and a clone's VMM opens the clone's own files at the load).
+        pid = run.spawn_detached(argv, log=out, pidfile=pidfile, cwd=plan.vm_dir)
         rt = replace(rt, pid=pid)
         try:
             record(rt)

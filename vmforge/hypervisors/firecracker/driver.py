@@ -111,8 +111,10 @@ class FirecrackerDriver(ApiVmmDriver):
 
     def load_requests(self, plan: MachinePlan, host: Any, src_dir: Path,
                       manifest: dict[str, Any]) -> list[ApiRequest]:
+        # Drives are named relative to the VM directory (Firecracker runs there), so the load
+        # opens this VM's own files; a snapshot from before that names absolute paths.
         gone = [p for p in (manifest.get("drives") or {}).values()
-                if p and not Path(p).exists()]
+                if p and not (Path(plan.vm_dir) / p).exists()]
         if gone:
             raise LaunchError(f"Firecracker reopens a snapshot's drives where the saved VM had "
                               f"them before vmforge can point them at this VM's own files, and "
@@ -132,9 +134,10 @@ class FirecrackerDriver(ApiVmmDriver):
             nxt = next_disk(path)
             nxt.unlink(missing_ok=True)
             raw_image_of(path, nxt)
-            self._patch_drive(rt, disk_id, str(nxt))
+            vm_dir = vm_dir_of(rt)
+            self._patch_drive(rt, disk_id, r.drive_path(vm_dir, nxt))
             os.replace(nxt, path)
-            self._patch_drive(rt, disk_id, path)
+            self._patch_drive(rt, disk_id, r.drive_path(vm_dir, path))
 
     def rebase_disk(self, rt: Runtime, disk: str, backing: str) -> None:
         """Nothing names a backing file in a raw copy; a switch that a crash interrupted
@@ -143,7 +146,7 @@ class FirecrackerDriver(ApiVmmDriver):
         nxt = next_disk(path)
         if nxt.exists():
             os.replace(nxt, path)
-            self._patch_drive(rt, disk, str(path))
+            self._patch_drive(rt, disk, r.drive_path(vm_dir_of(rt), path))
 
     def _patch_drive(self, rt: Runtime, disk_id: str, path: str) -> None:
         self._send(rt, ApiRequest("PATCH", f"/drives/{quote(disk_id, safe='')}",

@@ -20,6 +20,7 @@ strict: Firecracker itself rejects unknown fields). The order:
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import quote
 
@@ -77,11 +78,22 @@ def _refuse_unsupported(plan: MachinePlan) -> None:
 
 
 def drive_list(plan: MachinePlan) -> list[tuple[str, str, bool]]:
-    """(drive id, file, read-only): the plan's disks in order, then the seed."""
-    drives = [(d.id, d.path, False) for d in plan.disks]
+    """(drive id, file, read-only): the plan's disks in order, then the seed. Files in the
+    VM directory are named relative to it (Firecracker runs there): a snapshot records them
+    so, and a clone's Firecracker, running in the clone's directory, reopens the clone's own
+    files when it loads the snapshot, not the files of the VM it was taken from."""
+    drives = [(d.id, drive_path(plan.vm_dir, d.path), False) for d in plan.disks]
     if plan.seed:
-        drives.append(("cidata", plan.seed, True))
+        drives.append(("cidata", drive_path(plan.vm_dir, plan.seed), True))
     return drives
+
+
+def drive_path(vm_dir: str | Path, path: str | Path) -> str:
+    """``path`` relative to ``vm_dir`` when it is inside it, else as it is."""
+    vm_dir, path = os.path.abspath(vm_dir), os.path.abspath(path)
+    if path.startswith(vm_dir + os.sep):
+        return os.path.relpath(path, vm_dir)
+    return path
 
 
 def boot_requests(plan: MachinePlan) -> list[ApiRequest]:
@@ -145,7 +157,7 @@ def load_requests(plan: MachinePlan, src_dir: str) -> list[ApiRequest]:
     VM's own vsock socket (``vsock_override``) and taps (``network_overrides``), paused; then
     point every drive at this VM's own file (``PATCH /drives``, allowed once a snapshot is
     loaded) before the guest runs again. Firecracker reopens the saved drive paths at the
-    load itself, so those must still exist (the saved VM's files)."""
+    load itself, relative to its working directory: this VM's own directory."""
     _refuse_unsupported(plan)
     src = Path(src_dir).absolute()
     load: dict[str, object] = {
