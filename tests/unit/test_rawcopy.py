@@ -3,6 +3,7 @@ on request, uses a reflink where the filesystem has them, and leaves nothing on 
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import os
 from pathlib import Path
@@ -225,4 +226,14 @@ def test_firecracker_create_makes_raw_copies_of_library_images(
     q = m.create(parse_request({"name": "q1", "spec": {**spec("rootq", "qemu"),
                                                         "machine": "q35"}}))
     assert check_disk_image(str(q.paths.disk("root")), "d") == "qcow2"
+    assert cache == m.library.raw_cache
+    # the conversion goes with the last image of its blob (and a dead conversion's leftover)
+    (cache / ".stale.raw.tmp1").write_bytes(b"x")
+    os.utime(cache / ".stale.raw.tmp1", (0, 0))
+    for name in ("fq1", "fq2", "fr1", "q1"):
+        asyncio.run(m.delete(name, force=True))
+    m.library.remove("rootr")
+    assert len(list(cache.iterdir())) == 1
+    m.library.remove("rootq")
+    assert list(cache.iterdir()) == []
     m.close()

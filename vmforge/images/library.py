@@ -217,6 +217,9 @@ class Library:
         self.db = db
         self.root = root
         self.blobs = root / "blobs"
+        #: raw conversions of qcow2 blobs (``<sha256>.raw``, for Firecracker), kept while
+        #: their blob is
+        self.raw_cache = root / "raw-cache"
         self.tmp = root / "tmp"
         self.locks = root / "locks"
 
@@ -609,7 +612,8 @@ class Library:
                 for d, _ in _entries(r["files"]).values()}
 
     def prune(self) -> list[str]:
-        """Delete stored files no image refers to, and leftovers of interrupted imports."""
+        """Delete stored files no image refers to (and their raw conversions), and leftovers
+        of interrupted imports and conversions."""
         removed = []
         with self.lock("store"):  # no store is between storing a file and recording it
             used = self._used()
@@ -617,6 +621,15 @@ class Library:
                 if self.blobs.exists():
                     for p in self.blobs.iterdir():
                         if p.name not in used:
+                            p.unlink()
+                            removed.append(p.name)
+                if self.raw_cache.exists():
+                    old = time.time() - 3600
+                    for p in self.raw_cache.iterdir():
+                        if p.name.startswith("."):  # a conversion under way, or a dead one's
+                            if p.stat().st_mtime < old:
+                                p.unlink()
+                        elif p.name.removesuffix(".raw") not in used:
                             p.unlink()
                             removed.append(p.name)
                 if self.tmp.exists():  # copies of dead stores; old partial downloads

@@ -312,6 +312,7 @@ def prepare_artifacts(req: VmRequest, inputs: Inputs, paths: VmPaths, host: Host
                 from ..images.rawcopy import create_raw_disk
                 # A library blob never changes: its conversion to raw is made once and kept
                 # beside the blobs (<library>/raw-cache/<sha256>.raw), keyed by its content.
+                # (Library.raw_cache: <library>/raw-cache, beside <library>/blobs/<sha256>)
                 cache = (img.files["disk"], Path(backing).parent.parent / "raw-cache") \
                     if img else None
                 create_raw_disk(backing, target, size, cache=cache)
