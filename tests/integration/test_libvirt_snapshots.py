@@ -63,10 +63,13 @@ class Lv(VmHelper):
         self.names.append(name)
         return asyncio.run(restore.restore(self.manager, ref, name, timeout=120))
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, failpoint: str | None = None
+            ) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, VMFORGE_HOME=str(self.manager.data.root), NO_COLOR="1",
                    VMFORGE_LIBVIRT_URI=self.uri)
         env.pop("VMFORGE_FAILPOINT", None)
+        if failpoint:
+            env["VMFORGE_FAILPOINT"] = failpoint
         return subprocess.run([sys.executable, "-m", "vmforge", *args], env=env, text=True,
                               capture_output=True, timeout=300)
 
@@ -257,6 +260,37 @@ def test_damaged_or_truncated_state_is_a_clear_error_and_leaves_nothing(lv: Lv) 
     cut.unlink()
     assert m.get(SRC).state == "running"
     assert lv.sh(SRC, "echo alive").strip() == "alive"
+
+
+def test_killed_snapshot_leaves_a_consistent_vm(lv: Lv) -> None:
+    """vmforge killed before libvirt switched the disks: undone. After: finished (stored,
+    the VM's disk named by its own path, on an overlay over the stored layer)."""
+    m = lv.manager
+    for point, finished in (("snapshot.overlays", False), ("snapshot.switched", True),
+                            ("snapshot.resumed", True)):
+        chain = snapshots.backing_name(m.get(SRC).paths.disk("data"))
+        res = lv.cli("snapshot", "create", SRC, "--name", "lvs-kill", failpoint=f"{point}:kill")
+        assert res.returncode == -9, (point, res.stderr)
+        rec = m.get(SRC)  # the next command recovers it
+        assert rec.state == "running" and not (rec.dir / snapshots.JOURNAL).exists(), rec
+        assert lv.virsh("domstate", SRC).stdout.strip() == "running", point
+        assert not list(m.library.tmp.glob("in-*")) and not list(rec.dir.glob("layer-*"))
+        tops = list(rec.dir.glob(".disk-data.top-*.qcow2"))
+        assert len(tops) == 1 and os.path.samefile(tops[0], rec.paths.disk("data")), point
+        snap = snapshots.find(m, "lvs-kill")
+        assert (snap is not None) == finished, point
+        backing = snapshots.backing_name(rec.paths.disk("data"))
+        if snap is not None:
+            lv.snaps.append(snap.ref)
+            assert backing == str(snap.layer("data")) and Path(backing).exists(), point
+            snapshots.get(m, snap.ref)
+            m.library.check_intact(snap.image)
+        else:
+            assert backing == chain, point
+        mark = f"KILL{point[9:13].upper()}"  # one length: a sector write overwrites the last
+        lv.write_sector(SRC, 10, mark)
+        assert lv.sector(SRC, 10) == mark
+        assert lv.sector(SRC, 8) == "SRCDISK"
 
 
 def test_stop_then_cold_start_then_clone_command(lv: Lv) -> None:

@@ -477,7 +477,7 @@ def _take_overlays(rec: VmRecord, drv: Any, rt: Runtime, disks: dict[str, dict[s
             continue  # done before (recovery)
         if stop:
             os.replace(t, p)
-        else:
+        elif not _same_file(p, t):  # (rename(2) of two links of one file does nothing)
             tmp = rec.dir / f".{p.name}.link-{os.getpid()}"
             tmp.unlink(missing_ok=True)
             os.link(t, tmp)

@@ -503,6 +503,7 @@ class LibvirtDriver(Driver):
             if found is None:
                 raise VmError(f"libvirt's domain has no disk {disk_id}")
             targets[found[0]] = path
+        self._grant_disks(rt, dom)  # the running images are reopened read-only by name
         if is_system(self._uri_of(rt)) and is_local(self._uri_of(rt)):
             who = self._qemu_principal(self._conn(self._uri_of(rt)), rt.accel)
             if who is not None and who.uid != os.geteuid():
@@ -540,7 +541,26 @@ class LibvirtDriver(Driver):
     def resume(self, rt: Runtime) -> None:
         dom = self._domain(rt)
         if dom.state(0)[0] == _PAUSED:
+            self._grant_disks(rt, dom)
             self._call("resume the VM", dom.resume)
+
+    def _grant_disks(self, rt: Runtime, dom: Any) -> None:
+        """QEMU reopens images by name when it activates them (``cont`` after a restore,
+        a snapshot's read-only reopen): grant its account the disks and the directories
+        above them again. Any vmforge process's ``DataDir.ensure`` chmods the data
+        directories back to 0700, which clears the ACL mask and with it the account's
+        search right granted at start."""
+        uri = self._uri_of(rt)
+        if not (is_system(uri) and is_local(uri)):
+            return
+        who = self._qemu_principal(self._conn(uri), rt.accel)
+        if who is None or who.uid == os.geteuid():
+            return
+        tops = [source for _t, source in snap.disk_sources(dom.XMLDesc(0)).values()]
+        read: list[str | Path] = []
+        for top in tops:
+            read += access.backing_chain(top)
+        access.apply_grants(who, access.needed_grants(who, read, tops))
 
     def quit(self, rt: Runtime) -> None:
         dom = self._lookup(rt)
