@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -291,6 +292,35 @@ def test_killed_snapshot_leaves_a_consistent_vm(lv: Lv) -> None:
         lv.write_sector(SRC, 10, mark)
         assert lv.sector(SRC, 10) == mark
         assert lv.sector(SRC, 8) == "SRCDISK"
+
+
+def test_warm_pool_member_taken_then_cold_started(lv: Lv) -> None:
+    """A pool member is a libvirt restore; taken, it is renamed in vmforge while its running
+    domain keeps the member's name; stopped and started, its domain follows the name."""
+    m = lv.manager
+    lv.ok("pool", "create", "lvw", "--from-snapshot", "lvs-snap:1", "--size", "1")
+    try:
+        deadline = time.monotonic() + 120
+        while not json.loads(lv.ok("pool", "ls", "--json"))[0]["ready"]:
+            assert time.monotonic() < deadline, (m.data.root / "pools/lvw.log").read_text()
+            time.sleep(0.5)
+        took = json.loads(lv.ok("pool", "take", "lvw", "--name", "lvs-taken", "--json"))
+        lv.names.append("lvs-taken")
+        assert took["take_seconds"] < 1.0
+        assert lv.sh("lvs-taken", "hostname").strip() == "lvs-taken"
+        assert lv.sh("lvs-taken", "cat /root/before.txt").strip() == "written-before"
+        asyncio.run(m.stop("lvs-taken", timeout=0))
+        m.start("lvs-taken")  # a cold boot: the domain is renamed to the VM's name
+        asyncio.run(m.wait_ready("lvs-taken", 120))
+        assert lv.virsh("domstate", "lvs-taken").stdout.strip() == "running"
+        assert lv.sector("lvs-taken", 8) == "SRCDISK"
+        asyncio.run(m.delete("lvs-taken", force=True, stop_timeout=0))
+        nothing_left(lv, "lvs-taken")
+    finally:
+        lv.ok("pool", "rm", "lvw")
+    assert not [r for r in m.vms() if r.name.startswith("lvw--p")]
+    assert not [n for n in lv.virsh("list", "--all", "--name").stdout.split()
+                if n.startswith("lvw--p")]
 
 
 def test_stop_then_cold_start_then_clone_command(lv: Lv) -> None:

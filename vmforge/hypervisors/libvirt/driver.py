@@ -276,6 +276,23 @@ class LibvirtDriver(Driver):
                 return None
             raise HostError(f"libvirt at {self.uri}: {_message(exc)}") from exc
 
+    def _lookup_owned(self, conn: Any, name: str, vm_dir: str | Path) -> Any:
+        """The domain of the VM in ``vm_dir``: by its name, else the domain whose vmforge
+        metadata names that directory (a warm-pool member handed out by ``pool take`` is
+        renamed in vmforge while its running domain keeps the member's name)."""
+        lv = _libvirt()
+        dom = self._lookup_name(conn, name)
+        if dom is not None:
+            return dom
+        try:
+            domains = conn.listAllDomains(0)
+        except lv.libvirtError:
+            return None
+        for other in domains:
+            if _same_dir(self.owner(other), vm_dir):
+                return other
+        return None
+
     def _lookup(self, rt: Runtime) -> Any:
         lv = _libvirt()
         conn = self._conn(self._uri_of(rt))
@@ -348,7 +365,7 @@ class LibvirtDriver(Driver):
               record: Callable[[Runtime], None]) -> Runtime:
         lv = _libvirt()
         conn = self._conn()
-        existing = self._lookup_name(conn, plan.name)
+        existing = self._lookup_owned(conn, plan.name, plan.vm_dir)
         uuid = None
         if existing is not None:
             if not _same_dir(self.owner(existing), plan.vm_dir):
@@ -359,6 +376,12 @@ class LibvirtDriver(Driver):
                 rt = self._runtime(existing, self.uri)
                 record(rt)
                 return rt
+            if existing.name() != plan.name:  # a renamed VM (pool take): its domain too
+                try:
+                    existing.rename(plan.name, 0)
+                except lv.libvirtError as exc:
+                    raise LaunchError(f"libvirt could not rename domain {existing.name()} "
+                                      f"to {plan.name}: {_message(exc)}") from exc
             uuid = existing.UUIDString()
         if plan.incoming:
             return self._restore(plan, host, conn, uuid, record)
@@ -455,7 +478,7 @@ class LibvirtDriver(Driver):
     def find(self, name: str, vm_dir: Path) -> Runtime | None:
         """The runtime of this VM's domain whether it runs or not (``status`` tells), or None
         when libvirt has no domain of that name carrying this VM directory."""
-        dom = self._lookup_name(self._conn(), name)
+        dom = self._lookup_owned(self._conn(), name, vm_dir)
         if dom is None or not _same_dir(self.owner(dom), vm_dir):
             return None
         return self._runtime(dom, self.uri)
@@ -677,7 +700,7 @@ class LibvirtDriver(Driver):
         conn = self._conn(uri)
         dom = self._lookup(rt) if rt is not None else None
         if dom is None:
-            dom = self._lookup_name(conn, name)
+            dom = self._lookup_owned(conn, name, vm_dir)
         if dom is not None and not _same_dir(self.owner(dom), vm_dir):
             dom = None  # a foreign domain (or another VM's): not ours to remove
         sockets: list[str] = []
