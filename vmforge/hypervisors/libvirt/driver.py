@@ -478,7 +478,7 @@ class LibvirtDriver(Driver):
     def find(self, name: str, vm_dir: Path) -> Runtime | None:
         """The runtime of this VM's domain whether it runs or not (``status`` tells), or None
         when libvirt has no domain of that name carrying this VM directory."""
-        dom = self._lookup_owned(self._conn(), name, vm_dir)
+        dom = self._lookup_name(self._conn(), name)
         if dom is None or not _same_dir(self.owner(dom), vm_dir):
             return None
         return self._runtime(dom, self.uri)
