@@ -8,7 +8,9 @@ that wrote the state and the state file's header names the snapshot's machine ty
 under the new VM's lock, its row goes ``creating`` -> ``restoring`` (its directory: a thin
 overlay per disk over the snapshot's layer, a seed of its own, the UEFI variables), the
 hypervisor starts with exactly the saved VM's devices and loads the state (QEMU:
-``-incoming`` and ``-S``), the guest runs again (``cont``) and its agent makes it a new VM
+``-incoming`` and ``-S``; libvirt: ``virDomainRestoreFlags`` of a copy of its save image that
+names the new domain, see ``hypervisors/libvirt/snapshot.py``), the guest runs again
+(``cont``) and its agent makes it a new VM
 (the ``identity`` call). Only then is the row ``running``. Any failure on the way removes the
 VM, its process and its directory; a vmforge that dies on the way leaves ``restoring`` with a
 free lock, and the next command that reads it removes the VM the same way.
