@@ -126,9 +126,6 @@ def exec_command(m: VmManager | Callable[[], VmManager], name: str, command: Seq
 
     ``m`` may be a function that makes the manager: with ``endpoint`` (quick_agent_endpoint)
     it is called only if that agent cannot be reached."""
-    import asyncio
-    from contextlib import asynccontextmanager
-
     from ..errors import SpecError
 
     command = list(command)
@@ -143,6 +140,7 @@ def exec_command(m: VmManager | Callable[[], VmManager], name: str, command: Seq
         if not sep:
             raise SpecError(f"--env {item!r} is not KEY=VALUE", field="--env")
         environ[k] = v
+
     def manager() -> VmManager:
         return m() if callable(m) else m
 
@@ -158,6 +156,38 @@ def exec_command(m: VmManager | Callable[[], VmManager], name: str, command: Seq
 
     def queued(msg: str) -> None:
         sys.stderr.write(msg + "\n")
+
+    res: Any = None
+    try:
+        if endpoint is not None and not interactive:  # blocking, without asyncio's 35 ms
+            from ..agent.quick import exec_once
+            res = exec_once(endpoint, command, shell=shell, env=environ or None, cwd=cwd,
+                            timeout=timeout, on_output=show)
+        if res is None:
+            res = _exec_async(manager, name, endpoint, command, interactive=interactive,
+                              shell=shell, env=environ or None, cwd=cwd, timeout=timeout,
+                              show=show, queued=queued)
+    except BrokenPipeError:  # `vmforge exec vm -- yes | head`: the reader went away
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    if res.timed_out:
+        sys.stderr.write(f"timed out after {timeout}s (killed with signal {res.signal})\n")
+        return 124
+    if res.signal:
+        return 128 + int(res.signal)
+    return int(res.exit_code or 0)
+
+
+def _exec_async(manager: Callable[[], VmManager], name: str, endpoint: str | None,
+                command: list[str], *, interactive: bool, shell: bool,
+                env: dict[str, str] | None, cwd: str | None, timeout: float | None,
+                show: Callable[[str, bytes], None], queued: Callable[[str], None]) -> Any:
+    """exec through the asyncio client: stdin streamed (-i), a busy channel queued for, or
+    the manager asked (a VM found in the state database, or one whose quick connection
+    failed)."""
+    import asyncio
+    from contextlib import asynccontextmanager
+    environ = env
 
     @asynccontextmanager
     async def session() -> AsyncIterator[AgentClient]:
@@ -188,17 +218,7 @@ def exec_command(m: VmManager | Callable[[], VmManager], name: str, command: Seq
             data = sys.stdin.buffer.read() if interactive else None
             return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
                                 stdin=data, timeout=timeout, on_output=show)
-    try:
-        res = asyncio.run(go())
-    except BrokenPipeError:  # `vmforge exec vm -- yes | head`: the reader went away
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    if res.timed_out:
-        sys.stderr.write(f"timed out after {timeout}s (killed with signal {res.signal})\n")
-        return 124
-    if res.signal:
-        return 128 + int(res.signal)
-    return int(res.exit_code or 0)
+    return asyncio.run(go())
 
 
 # ---------------------------------------------------------------------------- ls
