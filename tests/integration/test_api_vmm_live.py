@@ -90,10 +90,10 @@ def test_minimal_image_to_agent_ready_snapshot_restore_stop(
         assert drv.status(rt) is Liveness.RUNNING
         assert asyncio.run(ready(rt)).strip()
         snap = vm_dir / "snapshots" / "s1"
-        drv.snapshot(rt, snap)
+        drv.snapshot_dir(rt, snap)
         drv.kill(rt)
         drv.cleanup(rt, plan.name, vm_dir)
-        rt = drv.restore(plan, host, lambda _r: None, snap)
+        rt = drv.restore_dir(plan, host, lambda _r: None, snap)
         assert drv.status(rt) is Liveness.RUNNING
         assert asyncio.run(ready(rt, 30)).strip()
         outcome = asyncio.run(drv.stop(rt, 30))

@@ -261,13 +261,13 @@ def test_the_stand_in_refuses_what_the_vmm_refuses(rig: Rig) -> None:
 def test_snapshot_and_restore(rig: Rig, tmp_path: Path) -> None:
     rt = start(rig)
     snap = tmp_path / "snapshots" / "s1"
-    rig.drv.snapshot(rt, snap)
+    rig.drv.snapshot_dir(rt, snap)
     assert rig.drv.status(rt) is Liveness.RUNNING  # resumed
     assert any(snap.iterdir())
     rig.drv.kill(rt)
     rig.drv.cleanup(rt, "vm1", rig.vm_dir)
     rig.journal.unlink()
-    rt2 = rig.drv.restore(rig.plan, HOST, rig.recorded.append, snap)
+    rt2 = rig.drv.restore_dir(rig.plan, HOST, rig.recorded.append, snap)
     got = [(e["method"], e["path"]) for e in rig.requests()]
     want = [(r.method, r.path) for r in rig.drv.restore_requests(rig.plan, str(snap))]
     assert got == want and all(200 <= e["status"] < 300 for e in rig.requests())
@@ -278,7 +278,7 @@ def test_snapshot_and_restore(rig: Rig, tmp_path: Path) -> None:
     bad = [good[0], ApiRequest(good[1].method, good[1].path, {"bogus": 1}), good[-1]]
     rig.drv.snapshot_requests = lambda _d, resume=True: bad  # type: ignore[method-assign]
     with pytest.raises(VmError, match=r"refused PUT .*\(snapshot\): HTTP 400"):
-        rig.drv.snapshot(rt2, tmp_path / "snapshots" / "s2")
+        rig.drv.snapshot_dir(rt2, tmp_path / "snapshots" / "s2")
     assert rig.drv.status(rt2) is Liveness.RUNNING
     assert asyncio.run(rig.drv.stop(rt2, 10)) is StopOutcome.ACPI
     rig.drv.cleanup(rt2, "vm1", rig.vm_dir)

@@ -60,9 +60,9 @@ class SupportsSnapshots(Protocol):
 
     def restore_requests(self, plan: MachinePlan, src_dir: str) -> list[ApiRequest]: ...
 
-    def snapshot(self, rt: Runtime, dest_dir: Path, resume: bool = True) -> None: ...
+    def snapshot_dir(self, rt: Runtime, dest_dir: Path, resume: bool = True) -> None: ...
 
-    def restore(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None],
+    def restore_dir(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None],
                 src_dir: Path) -> Runtime: ...
 
 
@@ -164,12 +164,12 @@ class ApiVmmDriver(ApiStateSaver, Driver):
                                 expect_version=str(manifest.get("vmm_version")))
         return self._launch(plan, record, self.boot_requests(plan, host))
 
-    def restore(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None],
+    def restore_dir(self, plan: MachinePlan, host: Any, record: Callable[[Runtime], None],
                 src_dir: Path) -> Runtime:
         """A fresh VMM for ``plan``'s VM, restored from a snapshot directory and resumed."""
         return self._launch(plan, record, self.restore_requests(plan, str(src_dir)))
 
-    def snapshot(self, rt: Runtime, dest_dir: Path, resume: bool = True) -> None:
+    def snapshot_dir(self, rt: Runtime, dest_dir: Path, resume: bool = True) -> None:
         """Snapshot the running VM into ``dest_dir`` (created, owner-only); the VM is resumed
         afterwards (also when the snapshot fails) unless ``resume`` is False."""
         dest_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
