@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import tarfile
 import time
 from abc import ABC, abstractmethod
@@ -41,6 +40,7 @@ from typing import Any, ClassVar
 from ..enums import Backend
 from ..errors import LaunchError, VmError
 from ..fsutil import tail_text
+from ..images.qcow2 import set_backing_name
 from ..paths import VmPaths
 from ._unixhttp import ApiResponse
 from .base import ApiRequest, Liveness, Runtime
@@ -139,28 +139,6 @@ def open_disks(pid: int, vm_dir: Path) -> dict[str, str]:
             disk_id = target[len(prefix):len(target) - len(suffix)]
             found.setdefault(disk_id, set()).add(f"{st.st_dev}:{st.st_ino}")
     return {k: ",".join(sorted(v)) for k, v in sorted(found.items())}
-
-
-def set_backing_name(path: Path, backing: str) -> None:
-    """Name ``backing`` as the backing file in a qcow2 image's header, in place. The name
-    lives in the header cluster (as vmforge's overlays lay it out, and qemu-img's); a longer
-    one must still fit there."""
-    name = backing.encode()
-    with open(path, "r+b") as f:
-        head = f.read(24)
-        if head[:4] != b"QFI\xfb":
-            raise VmError(f"{path} is not a qcow2 image")
-        off, size, cluster_bits = struct.unpack(">QII", head[8:24])
-        if not off:
-            raise VmError(f"{path} has no backing file to rename")
-        if off + max(len(name), size) > 1 << cluster_bits:
-            raise VmError(f"{path}: the backing file name {backing} does not fit its header")
-        f.seek(off)
-        f.write(name + b"\0" * max(0, size - len(name)))
-        f.seek(16)
-        f.write(struct.pack(">I", len(name)))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 # ---------------------------------------------------------------------------- the protocol

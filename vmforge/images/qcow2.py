@@ -18,6 +18,7 @@ from ..errors import ImageError
 from ..fsutil import atomic_path
 
 __all__ = ["ImageInfo", "image_info", "create_overlay", "create_blank", "convert", "GIB",
+           "set_backing_name",
            "probe_format", "overlay_bytes"]
 
 GIB = 1024 ** 3
@@ -155,3 +156,25 @@ def convert(src: str | Path, dst: str | Path, *, fmt: str = "qcow2", compress: b
     with atomic_path(dst) as tmp:
         run.run(argv + [str(src), str(tmp)], what="qemu-img convert")
     return dst
+
+
+def set_backing_name(path: Path, backing: str) -> None:
+    """Name ``backing`` as the backing file in a qcow2 image's header, in place. The name
+    lives in the header cluster (as vmforge's overlays lay it out, and qemu-img's); a longer
+    one must still fit there."""
+    name = backing.encode()
+    with open(path, "r+b") as f:
+        head = f.read(24)
+        if head[:4] != b"QFI\xfb":
+            raise ImageError(f"{path} is not a qcow2 image")
+        off, size, cluster_bits = struct.unpack(">QII", head[8:24])
+        if not off:
+            raise ImageError(f"{path} has no backing file to rename")
+        if off + max(len(name), size) > 1 << cluster_bits:
+            raise ImageError(f"{path}: the backing file name {backing} does not fit its header")
+        f.seek(off)
+        f.write(name + b"\0" * max(0, size - len(name)))
+        f.seek(16)
+        f.write(struct.pack(">I", len(name)))
+        f.flush()
+        os.fsync(f.fileno())

@@ -410,7 +410,7 @@ def _create_in_one_step(m: VmManager, rec: VmRecord, drv: Any, saver_: SavesStat
             d["b"] = str(lib.blob_path(sha256_file(s)))
             _, vsize = qcow2.probe_format(p)
             qcow2.create_overlay(s, t, vsize, backing_format="qcow2")
-            _name_backing(t, d["b"])
+            qcow2.set_backing_name(t, d["b"])
             os.chmod(t, 0o600)
         journal["disks"] = disks
         _write_journal(rec, journal)
@@ -448,23 +448,6 @@ def _create_in_one_step(m: VmManager, rec: VmRecord, drv: Any, saver_: SavesStat
         else:
             _journal_path(rec).unlink(missing_ok=True)
         raise
-
-
-def _name_backing(path: Path, backing: str) -> None:
-    """Point a new (unopened) overlay made by ``qcow2.create_overlay`` at ``backing``: the
-    name is the last thing in its header cluster."""
-    with open(path, "r+b") as f:
-        head = f.read(20)
-        off, size = struct.unpack(">QI", head[8:20])
-        name = backing.encode()
-        if not off or off + max(size, len(name)) > 1 << 16:
-            raise VmError(f"cannot name {backing} as the backing file of {path}")
-        f.seek(off)
-        f.write(name + b"\0" * max(0, size - len(name)))
-        f.seek(16)
-        f.write(struct.pack(">I", len(name)))
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _take_overlays(rec: VmRecord, drv: Any, rt: Runtime, disks: dict[str, dict[str, str]],
