@@ -351,14 +351,18 @@ def _create_locked(m: VmManager, rec: VmRecord, drv: Driver, saver_: SavesState,
         progress(Event(vm, "state", VmState.STOPPED.value if stop else VmState.RUNNING.value))
         return snap
     except BaseException:
-        # Undo or finish what the steps above did, exactly as a later command would; the
-        # VM itself is fine (the error is the snapshot's, raised to the caller).
-        row = m._row(vm)
-        if row is not None and row.state is VmState.SNAPSHOTTING:
-            recover(m, row, why=None)
-        else:
-            _journal_path(rec).unlink(missing_ok=True)
+        _undo(m, vm, rec)
         raise
+
+
+def _undo(m: VmManager, vm: str, rec: VmRecord) -> None:
+    """After a failed snapshot: undo or finish what its steps did, exactly as a later command
+    would; the VM itself is fine (the error is the snapshot's, raised to the caller)."""
+    row = m._row(vm)
+    if row is not None and row.state is VmState.SNAPSHOTTING:
+        recover(m, row, why=None)
+    else:
+        _journal_path(rec).unlink(missing_ok=True)
 
 
 def _create_in_one_step(m: VmManager, rec: VmRecord, drv: Any, saver_: SavesState,
@@ -442,11 +446,7 @@ def _create_in_one_step(m: VmManager, rec: VmRecord, drv: Any, saver_: SavesStat
         progress(Event(vm, "state", VmState.STOPPED.value if stop else VmState.RUNNING.value))
         return snap
     except BaseException:
-        row = m._row(vm)
-        if row is not None and row.state is VmState.SNAPSHOTTING:
-            recover(m, row, why=None)
-        else:
-            _journal_path(rec).unlink(missing_ok=True)
+        _undo(m, vm, rec)
         raise
 
 
