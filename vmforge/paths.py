@@ -104,11 +104,23 @@ class DataDir:
         for p in (self.root, self.vms, self.images, self.locks):
             try:
                 p.mkdir(parents=True, exist_ok=True, mode=0o700)
-                if p.stat().st_mode & 0o077:
-                    p.chmod(0o700)
+                mode = p.stat().st_mode
+                if mode & 0o077:
+                    # With a POSIX ACL the group bits are its mask: clearing them would take
+                    # away what was granted on purpose (libvirt's QEMU account, by the libvirt
+                    # driver); the owning group's own ACL entry stays as created (none).
+                    p.chmod(0o700 | (mode & 0o070 if _has_acl(p) else 0))
             except OSError as exc:
                 from .errors import VmforgeError
                 raise VmforgeError(f"cannot use the data directory {p}: {exc.strerror}",
                                    hint="pick another with --data-dir or $VMFORGE_HOME, or fix "
                                         "its permissions") from None
         return self
+
+
+def _has_acl(path: Path) -> bool:
+    """Whether ``path`` carries an extended POSIX access ACL (named users or groups)."""
+    try:
+        return bool(os.getxattr(path, "system.posix_acl_access"))
+    except OSError:
+        return False

@@ -139,3 +139,25 @@ def test_inspect_redacts_user_data_unless_asked(tmp_path: Path) -> None:
     shown = json.dumps(m.get("sec").as_dict())
     assert "hunter2" not in shown and "token=abc" not in shown and "redacted" in shown
     assert "hunter2" in json.dumps(m.get("sec").as_dict(show_secrets=True))
+
+
+@pytest.mark.subprocess
+def test_ensure_keeps_a_granted_acl_and_closes_plain_permissions(tmp_path: Path) -> None:
+    """DataDir.ensure() runs in every vmforge process: it must close directories that are open
+    to group or others, but not take away an ACL the libvirt driver granted (the group bits
+    of a directory with an ACL are its mask)."""
+    import shutil
+    import subprocess
+
+    from vmforge.paths import DataDir
+    if shutil.which("setfacl") is None:
+        pytest.skip("setfacl (package acl) is not installed")
+    data = DataDir(tmp_path / "d").ensure()
+    data.vms.chmod(0o755)
+    subprocess.run(["setfacl", "-m", "u:nobody:rx", str(data.images)], check=True)
+    DataDir(tmp_path / "d").ensure()
+    assert data.vms.stat().st_mode & 0o777 == 0o700
+    acl = subprocess.run(["getfacl", "-p", str(data.images)], capture_output=True, text=True,
+                         check=True).stdout
+    assert "user:nobody:r-x" in acl and "#effective" not in acl  # the mask still lets it in
+    assert "group::---" in acl and "other::---" in acl
