@@ -465,10 +465,9 @@ class VmManager:
         hit("delete.killed")
         self.networks.release_taps(rec.dir)
         drv.cleanup(rec.runtime, rec.name, rec.dir)
-        shutil.rmtree(rec.dir, ignore_errors=True)
         socks = rec.paths.sockets
-        if socks != rec.dir:
-            shutil.rmtree(socks, ignore_errors=True)
+        for path in {rec.dir, socks}:
+            _remove_tree(path)  # before the row goes: a row left in `deleting` is retried
         self._discard(rec)
 
     # -- planning
@@ -561,6 +560,7 @@ class VmManager:
                                hint="pick another --name or `vmforge rm` it first") from None
             hit("create.row")
             tmp = self.data.vms / f".{req.name}.creating-{os.getpid()}"
+            renamed = False
             try:
                 if final.exists():
                     raise VmError(f"{final} exists but no VM of that name is recorded",
@@ -576,10 +576,13 @@ class VmManager:
                 _write_private(tmp / "spec.json", req.model_dump_json(by_alias=True, indent=2))
                 hit("create.artifacts")
                 os.rename(tmp, final)
+                renamed = True
                 hit("create.renamed")
                 self._set(req.name, state=VmState.CREATED.value)
             except BaseException as exc:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if renamed:  # the directory is the VM's now: it goes with the row
+                    shutil.rmtree(final, ignore_errors=True)
                 with self.db.tx() as c:
                     c.execute("DELETE FROM vm_images WHERE vm_name=?", (req.name,))
                     c.execute("DELETE FROM vms WHERE name=?", (req.name,))
@@ -1040,6 +1043,23 @@ def _require_kvm(drv: Driver, accel: Accel, why: str) -> None:
         raise HostError(f"{drv.backend.value} runs on KVM only, and KVM does not work here: "
                         f"{why}", hint="use hypervisor: qemu or libvirt, or a host where KVM "
                         "works (see `vmforge doctor`)")
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a VM's directory, or raise. A process that was killed a moment ago may still
+    have a file appear in it (rmtree then fails with ENOTEMPTY): it is tried again."""
+    for attempt in range(5):
+        try:
+            shutil.rmtree(path)
+            return
+        except OSError as exc:
+            if not path.exists():
+                return
+            if attempt == 4:
+                raise VmError(f"cannot remove {path}: {exc.strerror}",
+                              hint="the VM stays listed as deleting; `vmforge rm -f` tries "
+                                   "again") from exc
+            time.sleep(0.1 * (attempt + 1))
 
 
 def _write_private(path: Path, text: str) -> None:
