@@ -936,6 +936,10 @@ class Agent:
 
             def take_terminal() -> None:  # in the child, after setsid()
                 fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                # A terminal's command gets Ctrl-C and Ctrl-\ whatever the agent inherited
+                # (ignored ones survive exec(): a shell started it in the background).
+                for sig in (signal.SIGINT, signal.SIGQUIT):
+                    signal.signal(sig, signal.SIG_DFL)
 
             proc = subprocess.Popen(cmd, shell=shell, cwd=cwd, env=env, stdin=slave,
                                     stdout=slave, stderr=slave, start_new_session=True,
