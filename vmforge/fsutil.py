@@ -7,7 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_file", "tail_text"]
+__all__ = ["atomic_path", "write_file", "tail_text", "fsync_dir"]
 
 
 @contextmanager
@@ -40,3 +40,12 @@ def tail_text(path: str | Path, lines: int = 25, max_bytes: int = 16384) -> str:
     except OSError:
         return ""
     return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename or unlink in ``path`` durable (fsync of the directory itself)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -921,14 +921,8 @@ class RemoteSnapshots:
     def create_pool(self, name: str, size: int, spec: Path | None,
                     from_snapshot: str | None, progress: Progress) -> dict[str, Any]:
         """A spec file is read here (as locally); its paths name files on the node."""
-        from ..node.pools import check_pool_name
-        check_pool_name(name)  # what vmforge.node.pools.create_pool checks first, as it says
-        if size < 0 or size > 64:
-            raise SpecError(f"pool size {size} is out of range", field="--size",
-                            hint="0 to 64 VMs")
-        if (spec is None) == (from_snapshot is None):
-            raise SpecError("give a spec (-f) or a snapshot (--from-snapshot), not both",
-                            field="pool")
+        from ..node.pools import check_pool_request
+        check_pool_request(name, size, spec is not None, from_snapshot is not None)
         body_spec = None
         if spec is not None:
             from ..spec import load_request

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ChecksumError, ImageError
+from ..fsutil import fsync_dir
 from ..state import Database
 
 __all__ = ["Library", "Image", "BlobCheck", "parse_ref", "check_name", "sha256_file",
@@ -153,14 +154,6 @@ def _same_file(fd: int, path: Path) -> bool:
         return False
     fst = os.fstat(fd)
     return (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -327,7 +320,7 @@ class Library:
             if sha256_file(dest) == digest:
                 return False
             os.replace(tmp, dest)  # a damaged copy: the bytes just hashed take its place
-        _fsync_dir(self.blobs)
+        fsync_dir(self.blobs)
         return True
 
     def _sweep(self) -> None:

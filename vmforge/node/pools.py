@@ -111,6 +111,18 @@ def check_pool_name(name: str) -> None:
                              "with a letter or digit")
 
 
+def check_pool_request(name: str, size: int, has_spec: bool, has_snapshot: bool) -> None:
+    """What ``pool create`` needs before anything is made: a name, a size, and a spec or a
+    snapshot (one of them). The daemon's client side checks the same before it asks."""
+    check_pool_name(name)
+    if size < 0 or size > 64:
+        raise SpecError(f"pool size {size} is out of range", field="--size",
+                        hint="0 to 64 VMs")
+    if has_spec == has_snapshot:
+        raise SpecError("give a spec (-f) or a snapshot (--from-snapshot), not both",
+                        field="pool")
+
+
 def find_pool(m: VmManager, name: str) -> Pool | None:
     return _load(_file(m, name))
 
@@ -284,13 +296,7 @@ async def create_pool(m: VmManager, name: str, size: int, *, req: VmRequest | No
     """A pool of ``size`` VMs restored from ``snapshot_ref``, or from a snapshot made for it
     of the spec ``req`` booted once (provisioned, then saved and stopped)."""
     import asyncio
-    check_pool_name(name)
-    if size < 0 or size > 64:
-        raise SpecError(f"pool size {size} is out of range", field="--size",
-                        hint="0 to 64 VMs")
-    if (req is None) == (snapshot_ref is None):
-        raise SpecError("give a spec (-f) or a snapshot (--from-snapshot), not both",
-                        field="pool")
+    check_pool_request(name, size, req is not None, snapshot_ref is not None)
     if find_pool(m, name) is not None:
         raise VmExists(f"a pool named {name!r} exists", hint="see `vmforge pool ls`")
     from .restore import check_restorable

@@ -37,13 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from ..errors import ImageError, InvalidState, SpecError, VmError, VmforgeError, VmNotFound
+from ..errors import ImageError, InvalidState, SpecError, VmError, VmforgeError
 from ..events import Event, Progress, no_progress
 from ..failpoints import hit
+from ..fsutil import fsync_dir
 from ..hypervisors.base import Liveness, SavesState, SnapshotsInOneStep
 from ..images import qcow2
 from ..images.library import LAYER_ROLE, SNAPSHOT_KIND, Image, check_name, parse_ref, sha256_file
-from .states import TRANSIENT, ExitReason, VmState
+from .states import ExitReason, VmState
 
 if TYPE_CHECKING:
     from ..hypervisors.base import Driver, Runtime
@@ -195,7 +196,7 @@ def _write_journal(rec: VmRecord, data: dict[str, Any]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(rec.dir)
+    fsync_dir(rec.dir)
 
 
 def _read_journal(rec: VmRecord) -> dict[str, Any] | None:
@@ -204,14 +205,6 @@ def _read_journal(rec: VmRecord) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def backing_name(path: Path) -> str | None:
@@ -252,13 +245,7 @@ def create(m: VmManager, vm: str, name: str | None = None, *, stop: bool = False
     lock = m._lock(vm)
     lock.acquire()
     try:
-        rec = m._row(vm)
-        if rec is not None and rec.state in TRANSIENT:
-            rec = m._recover(vm)
-        if rec is None:
-            raise VmNotFound(f"no VM named {vm!r}", hint="see `vmforge ls`")
-        if rec.state is VmState.RUNNING:
-            rec = m._check_running(rec)
+        rec = m._current(vm)
         if rec.state is not VmState.RUNNING or rec.runtime is None:
             raise InvalidState(f"VM {vm} is {rec.state.value}: a snapshot saves a running "
                                "VM's memory", hint=f"`vmforge start {vm}` first")
@@ -320,7 +307,7 @@ def _create_locked(m: VmManager, rec: VmRecord, drv: Driver, saver_: SavesState,
         for d in disks.values():
             os.rename(d["t"], d["p"])
         if disks:
-            _fsync_dir(rec.dir)
+            fsync_dir(rec.dir)
         hit("snapshot.renamed")
         if stop:
             saver_.quit(rt)
@@ -466,7 +453,7 @@ def _take_overlays(rec: VmRecord, drv: Any, rt: Runtime, disks: dict[str, dict[s
             os.link(t, tmp)
             os.replace(tmp, p)
     if disks:
-        _fsync_dir(rec.dir)
+        fsync_dir(rec.dir)
         drv.adopt_disks(rt, {k: d["p"] for k, d in disks.items()})
     for disk_id, d in disks.items():  # the images they name are read-only backings now
         for old in rec.dir.glob(f".disk-{disk_id}.top-*.qcow2"):
@@ -487,6 +474,16 @@ def _check_layers(snap: Snapshot, disks: dict[str, dict[str, str]]) -> None:
         Path(d["s"]).unlink(missing_ok=True)
 
 
+def _alive(drv: Any, rt: Runtime | None) -> bool:
+    """Whether the hypervisor process of ``rt`` still holds the VM (running or paused)."""
+    if rt is None:
+        return False
+    try:
+        return bool(drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED))
+    except VmforgeError:
+        return False
+
+
 def _recover_in_one_step(m: VmManager, rec: VmRecord, journal: dict[str, Any],
                          why: str | None) -> VmRecord | None:
     """``recover`` for :func:`_create_in_one_step`. The hypervisor switched the disks or it
@@ -496,12 +493,7 @@ def _recover_in_one_step(m: VmManager, rec: VmRecord, journal: dict[str, Any],
     drv = m.driver(rec.backend)
     state = drv if isinstance(drv, SavesState) else None
     rt = rec.runtime
-    alive = False
-    if rt is not None:
-        try:
-            alive = drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED)
-        except VmforgeError:
-            alive = False
+    alive = _alive(drv, rt)
     disks = cast(dict[str, dict[str, str]], journal.get("disks") or {})
     state_file = Path(str(journal.get("state")))
     tops: dict[str, str] = {}
@@ -683,12 +675,7 @@ def recover(m: VmManager, rec: VmRecord, why: str | None = _INTERRUPTED) -> VmRe
     drv = m.driver(rec.backend)
     state = drv if isinstance(drv, SavesState) else None
     rt = rec.runtime
-    alive = False
-    if rt is not None:
-        try:
-            alive = drv.status(rt) in (Liveness.RUNNING, Liveness.PAUSED)
-        except VmforgeError:
-            alive = False
+    alive = _alive(drv, rt)
     disks = cast(dict[str, dict[str, str]], journal.get("disks") or {})
     nodes_now: dict[str, str] = {}
     if alive and state is not None and rt is not None:
