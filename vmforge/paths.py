@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from .locations import data_root
+
 __all__ = ["DataDir", "default_data_dir", "default_cache_dir", "VmPaths"]
 
 # sun_path is 108 bytes; keep a margin for the socket file name.
@@ -19,10 +21,7 @@ _MAX_SOCKET_DIR = 90
 
 
 def default_data_dir() -> Path:
-    if os.environ.get("VMFORGE_HOME"):
-        return Path(os.environ["VMFORGE_HOME"])
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "vmforge"
+    return Path(data_root())
 
 
 def default_cache_dir() -> Path:

@@ -45,6 +45,7 @@ def test_errors_are_reported_plainly(capsys: pytest.CaptureFixture[str], tmp_pat
 
 def test_the_quick_readers_agree_with_the_manager(monkeypatch: pytest.MonkeyPatch,
                                                    tmp_path: Path) -> None:
+    from vmforge.locations import data_root
     from vmforge.paths import default_data_dir
     from vmforge.state import SCHEMA_VERSION
     assert fast._STATE_SCHEMA == SCHEMA_VERSION
@@ -54,7 +55,7 @@ def test_the_quick_readers_agree_with_the_manager(monkeypatch: pytest.MonkeyPatc
             monkeypatch.delenv(k, raising=False)
         for k, v in env.items():
             monkeypatch.setenv(k, v)
-        assert fast.data_root() == str(default_data_dir())
+        assert data_root() == str(default_data_dir())
 
 
 def _row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, state: str = "running",
@@ -97,9 +98,16 @@ def test_anything_unusual_goes_the_managers_way(tmp_path: Path, monkeypatch: pyt
 
 def test_quick_endpoint_for_vsock_and_hybrid(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    _row(tmp_path, monkeypatch, runtime={"agent": {"kind": "hvsock", "path": "/r/v.sock",
+    _row(tmp_path, monkeypatch, runtime={"agent": {"kind": "hybrid-vsock", "path": "/r/v.sock",
                                                    "port": 1024}})
     assert fast.quick_agent_endpoint("vm") == "hvsock:/r/v.sock:1024"
+    # what a driver records is what is read back (the stored form is AgentEndpoint's)
+    from vmforge.hypervisors.base import AgentEndpoint, EndpointKind
+    for ep in (AgentEndpoint(EndpointKind.HYBRID_VSOCK, path="/r/v.sock", port=1024),
+               AgentEndpoint(EndpointKind.VSOCK, cid=7, port=1024),
+               AgentEndpoint(EndpointKind.UNIX, path="/r/agent.sock")):
+        _row(tmp_path / ep.kind.value, monkeypatch, runtime={"agent": ep.to_json()})
+        assert fast.quick_agent_endpoint("vm") == str(ep)
 
 
 def test_no_database_no_quick_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -68,16 +68,6 @@ def _manager(data_dir: Path | None = None, command: str = "") -> VmManager:
 _STATE_SCHEMA = 3
 
 
-def data_root() -> str:
-    """vmforge.paths.default_data_dir without pathlib (a unit test keeps them equal)."""
-    home = os.environ.get("VMFORGE_HOME")
-    if home:
-        return home
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local",
-                                                           "share")
-    return os.path.join(base, "vmforge")
-
-
 def quick_agent_endpoint(name: str) -> str | None:
     """Where a running VM's agent answers, read straight from the state database (read-only).
 
@@ -88,6 +78,8 @@ def quick_agent_endpoint(name: str) -> str | None:
     """
     import json
     import sqlite3
+
+    from ..locations import agent_address, data_root
     db = os.path.join(data_root(), "state.db")
     if any(c in db for c in "?#%") or not os.path.exists(db):
         return None
@@ -106,13 +98,13 @@ def quick_agent_endpoint(name: str) -> str | None:
         spec = json.loads(row[2]).get("spec") or {}
         if (spec.get("agent") or {}).get("enabled", True) is False:
             return None
-        kind = agent.get("kind")
-        if kind == "unix" and agent.get("path"):
-            return str(agent["path"])
+        kind, path = agent.get("kind"), agent.get("path")
+        if kind == "unix" and path:
+            return agent_address(kind, str(path))
         if kind == "vsock":
-            return f"vsock:{int(agent['cid'])}:{int(agent['port'])}"
-        if kind == "hvsock":
-            return f"hvsock:{agent['path']}:{int(agent['port'])}"
+            return agent_address(kind, cid=int(agent["cid"]), port=int(agent["port"]))
+        if kind == "hybrid-vsock" and path:
+            return agent_address(kind, str(path), port=int(agent["port"]))
     except (sqlite3.Error, ValueError, TypeError, KeyError, AttributeError):
         return None
     return None
@@ -187,7 +179,6 @@ def _exec_async(manager: Callable[[], VmManager], name: str, endpoint: str | Non
     failed)."""
     import asyncio
     from contextlib import asynccontextmanager
-    environ = env
 
     @asynccontextmanager
     async def session() -> AsyncIterator[AgentClient]:
@@ -213,10 +204,10 @@ def _exec_async(manager: Callable[[], VmManager], name: str, endpoint: str | Non
             if interactive and "stdin_stream" in await c.features():  # stdin as it is read
                 from ..agent.terminal import attach
                 return await attach(await c.start_exec(
-                    command, shell=shell, env=environ or None, cwd=cwd, timeout=timeout,
+                    command, shell=shell, env=env, cwd=cwd, timeout=timeout,
                     on_output=show), sys.stdin.fileno())
             data = sys.stdin.buffer.read() if interactive else None
-            return await c.exec(command, shell=shell, env=environ or None, cwd=cwd,
+            return await c.exec(command, shell=shell, env=env, cwd=cwd,
                                 stdin=data, timeout=timeout, on_output=show)
     return asyncio.run(go())
 

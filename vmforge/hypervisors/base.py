@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
 
 from ..enums import Backend, DiskFormat, Firmware, Machine
+from ..locations import agent_address
 
 __all__ = ["Backend", "Accel", "Liveness", "StopOutcome", "EndpointKind", "AgentEndpoint",
            "Capabilities", "Runtime", "ApiRequest", "Rendered", "BackendStatus", "Driver",
@@ -64,11 +65,7 @@ class AgentEndpoint:
     def __str__(self) -> str:
         """The client's address syntax: a socket path, ``vsock:CID:PORT`` or
         ``hvsock:PATH:PORT``."""
-        if self.kind is EndpointKind.UNIX:
-            return str(self.path)
-        if self.kind is EndpointKind.VSOCK:
-            return f"vsock:{self.cid}:{self.port}"
-        return f"hvsock:{self.path}:{self.port}"
+        return agent_address(self.kind.value, self.path, self.cid, self.port)
 
     def to_json(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
