@@ -309,9 +309,7 @@ class _Reader:
             if rest[0] not in "|>[{" and _split_key(rest) is not None:
                 # a mapping that starts on the dash's line: read it as if it began on its own
                 # line at the column of its first key
-                line = self.lines[self.i]
-                self.lines[self.i] = " " * m + line[len(line) - len(line.lstrip(" ")) +
-                                                    (len(text) - len(rest)):]
+                self.lines[self.i] = " " * m + self.lines[self.i][m:]
                 self.depth += 1
                 if self.depth > MAX_DEPTH:
                     raise Unsupported("deep")

@@ -117,7 +117,7 @@ class _Checker:
                 raise Unsure(f"$ref {ref!r}")
         return node
 
-    def ok(self, inst: Any, schema: Any) -> bool:  # noqa: C901 - one keyword per branch
+    def ok(self, inst: Any, schema: Any) -> bool:
         if not isinstance(schema, dict):
             raise Unsure("schema is not an object")
         ref = schema.get("$ref")
